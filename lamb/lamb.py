@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -375,16 +376,24 @@ def _multi_tensor_lamb(
     max_trust_ratio: float | None,
     weight_norm_bounds: tuple[float, float] | None,
     maximize: bool,
+    norm_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """The foreach backend: the same math with ``torch._foreach_*`` ops over chunks of tensors.
 
     Working through the tensors in chunks (``lamb._chunks``) bounds the temporaries: the update ``u`` is
     built in one buffer per chunk (plus a gradient copy where it must change), never for all parameters.
     Low-precision tensors without master weights take the reference path, since their math is fp32.
+
+    ``norm_reduce`` (ZeRO partitions, see ``lamb.deepspeed``): the tensors are pieces of parameters;
+    it takes the 1-D tensor ``[||x_1||^2 .. ||x_k||^2, ||u_1||^2 .. ||u_k||^2]`` of partial squared norms
+    (in the order of the input lists) and returns the full squared norms of the parameters they belong to,
+    in the same layout.
     """
     xs = [m if m is not None else p for p, m in zip(params, master_params)]
     low = [i for i, x in enumerate(xs) if x.dtype in LOW_PRECISION]
     if low:
+        if norm_reduce is not None:
+            raise ValueError("lamb: partitioned (norm_reduce) steps need fp32 tensors or master weights")
         pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
         kw = dict(grad_divisor=grad_divisor, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
@@ -401,77 +410,136 @@ def _multi_tensor_lamb(
             update_norms, xs = (pick(s, rest) for s in (params, grads, exp_avgs, exp_avg_sqs, master_params,
                                                       state_steps, trust_ratios, weight_norms, update_norms, xs))
 
-    for idx in _chunks.by_numel(xs):
-        x = [xs[i] for i in idx]
-        m = [exp_avgs[i] for i in idx]
-        v = [exp_avg_sqs[i] for i in idx]
-        steps = [state_steps[i] for i in idx]
-        g = [grads[i] if grads[i].dtype == x[k].dtype else grads[i].to(x[k].dtype) for k, i in enumerate(idx)]
-        torch._foreach_add_(steps, 1)
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              weight_decay_mode=weight_decay_mode, bias_correction=bias_correction)
+    ratio_kw = dict(adapt=adapt, min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
+                    weight_norm_bounds=weight_norm_bounds)
+    chunks = _chunks.by_numel(xs)
+    if norm_reduce is None:
+        # One pass per chunk: moments, direction, norms, ratio, update; the direction buffer is then freed.
+        for idx in chunks:
+            _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, grad_divisor=grad_divisor,
+                             maximize=maximize, grad_averaging=grad_averaging, **kw)
+            u = _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, **kw)
+            w_norm, u_norm = _foreach_norms([xs[i] for i in idx], u)
+            rho = _ratios(w_norm, u_norm, **ratio_kw)
+            _foreach_apply(idx, xs, u, rho, state_steps, **kw)
+            _finish(idx, params, master_params, xs, trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm)
+        return
 
-        # g: a private copy only where it must change (the caller's .grad stays untouched).
-        if maximize:
-            g = torch._foreach_neg(g)
-        if grad_divisor is not None:
-            g = torch._foreach_div(g, grad_divisor)
-        if weight_decay_mode == "l2" and weight_decay != 0:
-            g = torch._foreach_add(g, x, alpha=weight_decay)
-
-        # m = b1 m + (1 - b1) g  (or b1 m + g);  v = b2 v + (1 - b2) g^2
-        if grad_averaging:
-            torch._foreach_lerp_(m, g, 1 - beta1)
-        else:
-            torch._foreach_mul_(m, beta1)
-            torch._foreach_add_(m, g)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        del g
-
-        # u = (m / bc1) / (sqrt(v / bc2) + eps), built in place in one buffer per chunk.
-        dt = x[0].dtype
-        if bias_correction == "moments":
-            t = [s.to(dt) for s in steps]
-            bc1 = [1 - torch.pow(beta1, ti) for ti in t]
-            bc2 = [1 - torch.pow(beta2, ti) for ti in t]
-            u = torch._foreach_div(v, bc2)
-            torch._foreach_sqrt_(u)
-        else:
-            u = torch._foreach_sqrt(v)
-        torch._foreach_add_(u, eps)
-        torch._foreach_reciprocal_(u)
-        torch._foreach_mul_(u, m)
-        if bias_correction == "moments":
-            torch._foreach_div_(u, bc1)
-        if weight_decay_mode == "ratio" and weight_decay != 0:
-            torch._foreach_add_(u, x, alpha=weight_decay)
-
-        w_norm = torch.stack(torch._foreach_norm(x)).to(dt)
-        u_norm = torch.stack(torch._foreach_norm(u)).to(dt)
-        if adapt:
-            phi = w_norm if weight_norm_bounds is None else w_norm.clamp(*weight_norm_bounds)
-            rho = trust_ratio(phi, u_norm, zero_check=(w_norm, u_norm),
-                              min_ratio=min_trust_ratio, max_ratio=max_trust_ratio)
-        else:
-            rho = torch.ones_like(w_norm)
-
-        # x <- x (1 - lr wd) [decoupled]  - step_size * rho * u
-        scale = rho * lr
-        if bias_correction == "lr":
-            t = torch.stack([s.to(dt) for s in steps])
-            scale = scale * (1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t))
-        torch._foreach_mul_(u, list(torch.neg(scale).unbind()))
-        if weight_decay_mode == "decoupled" and weight_decay != 0:
-            if isinstance(lr, Tensor):
-                torch._foreach_mul_(x, (1 - lr * weight_decay).to(dt))
-            else:
-                torch._foreach_mul_(x, 1 - lr * weight_decay)
-        torch._foreach_add_(x, u)
+    # Partitioned tensors (ZeRO): each tensor here is a piece of a parameter, and its norms are partial.
+    # Pass A updates the moments and collects partial squared norms; one norm_reduce call (an all-reduce)
+    # completes them; pass B recomputes the direction from the new moments and applies it.
+    k = len(xs)
+    partial_w: list[Tensor] = [None] * k  # type: ignore[list-item]
+    partial_u: list[Tensor] = [None] * k  # type: ignore[list-item]
+    for idx in chunks:
+        _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, grad_divisor=grad_divisor,
+                         maximize=maximize, grad_averaging=grad_averaging, **kw)
+        u = _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, **kw)
+        for i, w_sq, u_sq in zip(idx, _foreach_sq_norms([xs[i] for i in idx]), _foreach_sq_norms(u)):
+            partial_w[i], partial_u[i] = w_sq, u_sq
         del u
+    full = norm_reduce(torch.cat([torch.stack(partial_w), torch.stack(partial_u)]))
+    w_all, u_all = full.sqrt().chunk(2)
+    for idx in chunks:
+        sel = torch.tensor(idx, device=w_all.device)
+        w_norm, u_norm = w_all[sel].to(xs[idx[0]].dtype), u_all[sel].to(xs[idx[0]].dtype)
+        rho = _ratios(w_norm, u_norm, **ratio_kw)
+        u = _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, **kw)
+        _foreach_apply(idx, xs, u, rho, state_steps, **kw)
+        _finish(idx, params, master_params, xs, trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm)
 
-        for k, i in enumerate(idx):
-            if master_params[i] is not None:
-                params[i].copy_(x[k])
-        torch._foreach_copy_([trust_ratios[i] for i in idx], list(rho.float().unbind()))
-        torch._foreach_copy_([weight_norms[i] for i in idx], list(w_norm.float().unbind()))
-        torch._foreach_copy_([update_norms[i] for i in idx], list(u_norm.float().unbind()))
 
+def _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, *, grad_divisor, maximize, grad_averaging,
+                     lr, beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction) -> None:
+    """step += 1; g <- g / divisor (+ wd x for "l2"); m <- b1 m + (1-b1) g (or b1 m + g); v <- b2 v + (1-b2) g^2."""
+    x = [xs[i] for i in idx]
+    m = [exp_avgs[i] for i in idx]
+    v = [exp_avg_sqs[i] for i in idx]
+    g = [grads[i] if grads[i].dtype == x[k].dtype else grads[i].to(x[k].dtype) for k, i in enumerate(idx)]
+    torch._foreach_add_([state_steps[i] for i in idx], 1)
+    # A private gradient copy only where it must change: the caller's .grad stays untouched.
+    if maximize:
+        g = torch._foreach_neg(g)
+    if grad_divisor is not None:
+        g = torch._foreach_div(g, grad_divisor)
+    if weight_decay_mode == "l2" and weight_decay != 0:
+        g = torch._foreach_add(g, x, alpha=weight_decay)
+    if grad_averaging:
+        torch._foreach_lerp_(m, g, 1 - beta1)
+    else:
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, g)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+
+
+def _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                       weight_decay_mode, bias_correction) -> list[Tensor]:
+    """u = (m / bc1) / (sqrt(v / bc2) + eps) [+ wd x for "ratio"], built in place in one new buffer list."""
+    x = [xs[i] for i in idx]
+    m = [exp_avgs[i] for i in idx]
+    v = [exp_avg_sqs[i] for i in idx]
+    dt = x[0].dtype
+    if bias_correction == "moments":
+        t = [state_steps[i].to(dt) for i in idx]
+        bc1 = [1 - torch.pow(beta1, ti) for ti in t]
+        bc2 = [1 - torch.pow(beta2, ti) for ti in t]
+        u = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(u)
+    else:
+        u = torch._foreach_sqrt(v)
+    torch._foreach_add_(u, eps)
+    torch._foreach_reciprocal_(u)
+    torch._foreach_mul_(u, m)
+    if bias_correction == "moments":
+        torch._foreach_div_(u, bc1)
+    if weight_decay_mode == "ratio" and weight_decay != 0:
+        torch._foreach_add_(u, x, alpha=weight_decay)
+    return u
+
+
+def _foreach_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Squared L2 norms (0-dim), for partial norms that are summed across ranks before the square root."""
+    return [n * n for n in torch._foreach_norm(tensors)]
+
+
+def _foreach_norms(x: list[Tensor], u: list[Tensor]) -> tuple[Tensor, Tensor]:
+    dt = x[0].dtype
+    return torch.stack(torch._foreach_norm(x)).to(dt), torch.stack(torch._foreach_norm(u)).to(dt)
+
+
+def _ratios(w_norm: Tensor, u_norm: Tensor, *, adapt: bool, min_trust_ratio: float | None,
+            max_trust_ratio: float | None, weight_norm_bounds: tuple[float, float] | None) -> Tensor:
+    """rho per tensor from stacked norms: clamp(phi(||x||) / ||u||), 1 at a zero norm, 1 without adaptation."""
+    if not adapt:
+        return torch.ones_like(w_norm)
+    phi = w_norm if weight_norm_bounds is None else w_norm.clamp(*weight_norm_bounds)
+    return trust_ratio(phi, u_norm, zero_check=(w_norm, u_norm), min_ratio=min_trust_ratio, max_ratio=max_trust_ratio)
+
+
+def _foreach_apply(idx, xs, u, rho, state_steps, *, lr, beta1, beta2, eps, weight_decay, weight_decay_mode,
+                   bias_correction) -> None:
+    """x <- x (1 - lr wd) [decoupled] - step_size * rho * u, with u scaled in place."""
+    x = [xs[i] for i in idx]
+    dt = x[0].dtype
+    scale = rho * lr
+    if bias_correction == "lr":
+        t = torch.stack([state_steps[i].to(dt) for i in idx])
+        scale = scale * (1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t))
+    torch._foreach_mul_(u, list(torch.neg(scale).unbind()))
+    if weight_decay_mode == "decoupled" and weight_decay != 0:
+        decay = 1 - lr * weight_decay
+        torch._foreach_mul_(x, decay.to(dt) if isinstance(decay, Tensor) else decay)
+    torch._foreach_add_(x, u)
+
+
+def _finish(idx, params, master_params, xs, trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm) -> None:
+    """Refresh low-precision params from their masters and record the trust statistics."""
+    for i in idx:
+        if master_params[i] is not None:
+            params[i].copy_(xs[i])
+    torch._foreach_copy_([trust_ratios[i] for i in idx], list(rho.float().unbind()))
+    torch._foreach_copy_([weight_norms[i] for i in idx], list(w_norm.float().unbind()))
+    torch._foreach_copy_([update_norms[i] for i in idx], list(u_norm.float().unbind()))

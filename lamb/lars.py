@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -253,14 +254,19 @@ def _multi_tensor_lars(
     trust_clip: bool,
     adapt: bool,
     maximize: bool,
+    norm_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """The foreach backend: the same math with ``torch._foreach_*`` ops over chunks of tensors.
 
-    One temporary per chunk: ``d = g + wd w`` (later scaled in place to ``lr rho d``).
+    One temporary per chunk: ``d = g + wd w`` (later scaled in place to ``lr rho d``). ``norm_reduce``
+    (ZeRO partitions): takes ``[||w_1||^2 .. ||w_k||^2, ||g_1||^2 .. ||g_k||^2]`` of the pieces, in the
+    order of the input lists, and returns the full parameters' squared norms in the same layout.
     """
     ws = [m if m is not None else p for p, m in zip(params, master_params)]
     low = [i for i, w in enumerate(ws) if w.dtype in LOW_PRECISION]
     if low:
+        if norm_reduce is not None:
+            raise ValueError("lars: partitioned (norm_reduce) steps need fp32 tensors or master weights")
         pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
         kw = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                   eps=eps, nesterov=nesterov, denominator=denominator, trust_clip=trust_clip, adapt=adapt,
@@ -274,42 +280,79 @@ def _multi_tensor_lars(
             ws = (pick(s, rest) for s in (params, grads, momentum_buffers, master_params, state_steps,
                                           trust_ratios, weight_norms, update_norms, ws))
 
-    for idx in _chunks.by_numel(ws):
-        w = [ws[i] for i in idx]
-        v = [momentum_buffers[i] for i in idx]
-        dt = w[0].dtype
-        g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
+    ratio_kw = dict(lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
+                    denominator=denominator, trust_clip=trust_clip)
+    chunks = _chunks.by_numel(ws)
+    if norm_reduce is None:
+        for idx in chunks:
+            w = [ws[i] for i in idx]
+            torch._foreach_add_([state_steps[i] for i in idx], 1)
+            d, w_norm, g_norm = _foreach_direction(idx, ws, grads, weight_decay=weight_decay, maximize=maximize,
+                                                   denominator=denominator)
+            rho = _ratio(w_norm, g_norm, **ratio_kw) if adapt else torch.ones_like(w_norm)
+            _foreach_apply(idx, ws, momentum_buffers, d, rho, lr=lr, momentum=momentum, nesterov=nesterov)
+            _finish(idx, params, master_params, ws, trust_ratios, weight_norms, update_norms, rho, w_norm, g_norm)
+        return
+
+    # Partitioned tensors (ZeRO): pass A collects partial squared norms, one norm_reduce call (an
+    # all-reduce) completes them, pass B recomputes the direction and applies it.
+    k = len(ws)
+    partial_w: list[Tensor] = [None] * k  # type: ignore[list-item]
+    partial_g: list[Tensor] = [None] * k  # type: ignore[list-item]
+    for idx in chunks:
         torch._foreach_add_([state_steps[i] for i in idx], 1)
-
-        if maximize:
-            g = torch._foreach_neg(g)
-        w_norm = torch.stack(torch._foreach_norm(w)).to(dt)
-        if denominator == "sum":
-            g_norm = torch.stack(torch._foreach_norm(g)).to(dt)
-        d = torch._foreach_add(g, w, alpha=weight_decay) if weight_decay != 0 else torch._foreach_mul(g, 1.0)
-        del g
-        if denominator == "norm":
-            g_norm = torch.stack(torch._foreach_norm(d)).to(dt)
-        if adapt:
-            rho = _ratio(w_norm, g_norm, lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                         eps=eps, denominator=denominator, trust_clip=trust_clip)
-        else:
-            rho = torch.ones_like(w_norm)
-
-        # d <- lr rho d;  v <- mu v + d;  w <- w - v   (nesterov: w <- w - (mu v + d))
-        torch._foreach_mul_(d, list((rho * lr).unbind()))
-        torch._foreach_mul_(v, momentum)
-        torch._foreach_add_(v, d)
-        if nesterov:
-            torch._foreach_add_(d, v, alpha=momentum)
-            torch._foreach_sub_(w, d)
-        else:
-            torch._foreach_sub_(w, v)
+        d, w_norm, g_norm = _foreach_direction(idx, ws, grads, weight_decay=weight_decay, maximize=maximize,
+                                               denominator=denominator)
         del d
+        for j, i in enumerate(idx):
+            partial_w[i], partial_g[i] = w_norm[j] * w_norm[j], g_norm[j] * g_norm[j]
+    full = norm_reduce(torch.cat([torch.stack(partial_w), torch.stack(partial_g)])).sqrt()
+    w_all, g_all = full.chunk(2)
+    for idx in chunks:
+        sel = torch.tensor(idx, device=w_all.device)
+        w_norm, g_norm = w_all[sel], g_all[sel]
+        d, _, _ = _foreach_direction(idx, ws, grads, weight_decay=weight_decay, maximize=maximize,
+                                     denominator=denominator)
+        rho = _ratio(w_norm, g_norm, **ratio_kw) if adapt else torch.ones_like(w_norm)
+        _foreach_apply(idx, ws, momentum_buffers, d, rho, lr=lr, momentum=momentum, nesterov=nesterov)
+        _finish(idx, params, master_params, ws, trust_ratios, weight_norms, update_norms, rho, w_norm, g_norm)
 
-        for k, i in enumerate(idx):
-            if master_params[i] is not None:
-                params[i].copy_(w[k])
-        torch._foreach_copy_([trust_ratios[i] for i in idx], list(rho.float().unbind()))
-        torch._foreach_copy_([weight_norms[i] for i in idx], list(w_norm.float().unbind()))
-        torch._foreach_copy_([update_norms[i] for i in idx], list(g_norm.float().unbind()))
+
+def _foreach_direction(idx, ws, grads, *, weight_decay, maximize, denominator) -> tuple[list[Tensor], Tensor, Tensor]:
+    """d = g + wd w in a new buffer list, with ||w|| and the denominator's gradient norm (||g|| or ||d||)."""
+    w = [ws[i] for i in idx]
+    dt = w[0].dtype
+    g = [grads[i] if grads[i].dtype == dt else grads[i].to(dt) for i in idx]
+    if maximize:
+        g = torch._foreach_neg(g)
+    w_norm = torch.stack(torch._foreach_norm(w)).to(dt)
+    if denominator == "sum":
+        g_norm = torch.stack(torch._foreach_norm(g)).to(dt)
+    d = torch._foreach_add(g, w, alpha=weight_decay) if weight_decay != 0 else torch._foreach_mul(g, 1.0)
+    if denominator == "norm":
+        g_norm = torch.stack(torch._foreach_norm(d)).to(dt)
+    return d, w_norm, g_norm
+
+
+def _foreach_apply(idx, ws, momentum_buffers, d, rho, *, lr, momentum, nesterov) -> None:
+    """d <- lr rho d;  v <- mu v + d;  w <- w - v   (nesterov: w <- w - (mu v + d))."""
+    w = [ws[i] for i in idx]
+    v = [momentum_buffers[i] for i in idx]
+    torch._foreach_mul_(d, list((rho * lr).unbind()))
+    torch._foreach_mul_(v, momentum)
+    torch._foreach_add_(v, d)
+    if nesterov:
+        torch._foreach_add_(d, v, alpha=momentum)
+        torch._foreach_sub_(w, d)
+    else:
+        torch._foreach_sub_(w, v)
+
+
+def _finish(idx, params, master_params, ws, trust_ratios, weight_norms, update_norms, rho, w_norm, g_norm) -> None:
+    """Refresh low-precision params from their masters and record the trust statistics."""
+    for i in idx:
+        if master_params[i] is not None:
+            params[i].copy_(ws[i])
+    torch._foreach_copy_([trust_ratios[i] for i in idx], list(rho.float().unbind()))
+    torch._foreach_copy_([weight_norms[i] for i in idx], list(w_norm.float().unbind()))
+    torch._foreach_copy_([update_norms[i] for i in idx], list(g_norm.float().unbind()))
