@@ -50,6 +50,8 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     _moment_keys: tuple[str, ...] = ()
+    # Set by lamb.deepspeed.attach under ZeRO-1/2: cuts each flat partition into the original parameters.
+    _partition_layout: Any = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -109,6 +111,24 @@ class LayerwiseOptimizer(Optimizer):
         if group["foreach"] is None and group["fused"] is None and _fused_preferred(params):
             return "fused"
         return "foreach"
+
+    # ----------------------------------------------------------------------------------- ZeRO partitions
+    # Without lamb.deepspeed.attach these are _collect / _backend / nothing; attached, step() works on
+    # per-parameter views of DeepSpeed's flat partitions and completes the norms across ranks.
+    def _collect_for_step(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+        if self._partition_layout is None:
+            return self._collect(group)
+        return self._partition_layout.collect(self, group)
+
+    def _backend_kwargs(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+        if self._partition_layout is None:
+            return {"backend": self._backend(group, params)}
+        # The two-pass norm_reduce path lives in the foreach backends.
+        return {"backend": "foreach", "norm_reduce": self._partition_layout.norm_reduce(group)}
+
+    def _finish_step(self, group: dict[str, Any], states: list[dict[str, Any]]) -> None:
+        if self._partition_layout is not None:
+            self._partition_layout.finish(self, group, states)
 
     # ----------------------------------------------------------------------------------- state
     def _init_param_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
@@ -183,6 +203,8 @@ class LayerwiseOptimizer(Optimizer):
         Nothing is copied to the host: ``.tolist()`` or a tracker does that when it wants the numbers.
         Parameters that have not been stepped yet are left out.
         """
+        if self._partition_layout is not None:
+            return self._partition_layout.trust_stats()
         out = {}
         for name, p in self._named_params():
             st = self.state.get(p)

@@ -169,10 +169,12 @@ class Lamb(LayerwiseOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        collected = [self._collect(group) for group in self.param_groups]
+        collected = [self._collect_for_step(group) for group in self.param_groups]
         global_norm = None
         if any(g["max_grad_norm"] is not None for g in self.param_groups):
-            global_norm = _global_grad_norm([grad for _, grads, _ in collected for grad in grads])
+            all_grads = [grad for _, grads, _ in collected for grad in grads]
+            global_norm = (_global_grad_norm(all_grads) if self._partition_layout is None
+                           else self._partition_layout.grad_norm(all_grads))  # ZeRO: across ranks and groups
 
         for group, (params, grads, states) in zip(self.param_groups, collected):
             if not params:
@@ -192,7 +194,7 @@ class Lamb(LayerwiseOptimizer):
                 [s["trust_ratio"] for s in states],
                 [s["weight_norm"] for s in states],
                 [s["update_norm"] for s in states],
-                backend=self._backend(group, params),
+                **self._backend_kwargs(group, params),
                 grad_divisor=grad_divisor,
                 lr=group["lr"],
                 beta1=beta1,
@@ -208,6 +210,7 @@ class Lamb(LayerwiseOptimizer):
                 weight_norm_bounds=group["weight_norm_bounds"],
                 maximize=group["maximize"],
             )
+            self._finish_step(group, states)
         return loss
 
 

@@ -116,7 +116,7 @@ class Lars(LayerwiseOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, states = self._collect(group)
+            params, grads, states = self._collect_for_step(group)
             if not params:
                 continue
             lars(
@@ -128,7 +128,7 @@ class Lars(LayerwiseOptimizer):
                 [s["trust_ratio"] for s in states],
                 [s["weight_norm"] for s in states],
                 [s["update_norm"] for s in states],
-                backend=self._backend(group, params),
+                **self._backend_kwargs(group, params),
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
@@ -140,6 +140,7 @@ class Lars(LayerwiseOptimizer):
                 adapt=group["layer_adaptation"],
                 maximize=group["maximize"],
             )
+            self._finish_step(group, states)
         return loss
 
 
