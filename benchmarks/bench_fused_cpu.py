@@ -1,0 +1,229 @@
+"""Time one optimizer step on CPU for a BERT-shaped parameter set: fused LAMB vs its peers.
+
+    python benchmarks/bench_fused_cpu.py [--repeats 5] [--layers 9] [--hidden 512] [--no-compiled]
+
+Peers in the same run: lamb.Lamb fused / foreach / reference, torch.compile of the foreach step, timm's
+Lamb, torch-optimizer's Lamb, and torch.optim.AdamW(fused=True) as the yardstick (one pass, 28 bytes a
+parameter; fused LAMB moves 40). Times: every backend in one process, stepped round-robin (so load from
+other jobs on a shared machine hits them alike), min over repeats. Memory: each backend again in its own
+subprocess, recording the peak resident memory added by stepping (VmHWM after two steps minus VmRSS
+before, the peak reset through /proc/self/clear_refs). Writes benchmarks/results/fused_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BACKENDS = ["lamb_fused", "lamb_foreach", "lamb_compiled", "lamb_reference", "timm_lamb", "torch_optimizer_lamb",
+            "torch_adamw_fused"]
+
+
+def bert_shapes(layers: int, hidden: int, vocab: int = 30522, positions: int = 512) -> list[tuple[int, ...]]:
+    inter = 4 * hidden
+    shapes: list[tuple[int, ...]] = [(vocab, hidden), (positions, hidden), (2, hidden), (hidden,), (hidden,)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden), (hidden,)] * 4  # q, k, v, attention output
+        shapes += [(hidden,), (hidden,)]             # LayerNorm
+        shapes += [(inter, hidden), (inter,), (hidden, inter), (hidden,)]
+        shapes += [(hidden,), (hidden,)]             # LayerNorm
+    shapes += [(hidden, hidden), (hidden,)]          # pooler
+    return shapes
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def make(backend: str, layers: int, hidden: int):
+    """(step function, parameter count, tensor count) for one backend on its own copy of the parameters."""
+    import torch
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in bert_shapes(layers, hidden)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    step = None
+    if backend.startswith("lamb_"):
+        import lamb
+
+        flags = {"lamb_fused": dict(fused=True), "lamb_foreach": dict(foreach=True),
+                 "lamb_compiled": dict(foreach=True), "lamb_reference": dict(foreach=False)}[backend]
+        opt = lamb.Lamb(params, eps=1e-6, **kw, **flags)
+        step = opt.step
+        if backend == "lamb_compiled":
+            step = torch.compile(opt.step)
+    elif backend == "timm_lamb":
+        from timm.optim.lamb import Lamb as TimmLamb
+
+        opt = TimmLamb(params, eps=1e-6, **kw)
+    elif backend == "torch_optimizer_lamb":
+        import torch_optimizer
+
+        opt = torch_optimizer.Lamb(params, eps=1e-6, **kw)
+    elif backend == "torch_adamw_fused":
+        opt = torch.optim.AdamW(params, fused=True, **kw)
+    else:
+        raise ValueError(backend)
+    step = step or opt.step
+    step()  # warm-up: state allocation, kernel build/load, compilation
+    return step, n, len(params)
+
+
+def memory_one(backend: str, layers: int, hidden: int, repeats: int) -> dict:
+    """In a fresh process: the peak resident memory that stepping adds (VmHWM after minus VmRSS before)."""
+    step, n, nt = make(backend, layers, hidden)
+    rss0 = _status("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _status("VmHWM") - rss0 if hwm_reset else None
+    return dict(backend=backend, params=n, tensors=nt, step_peak_extra_bytes=peak)
+
+
+def time_interleaved(backends: list[str], layers: int, hidden: int, repeats: int) -> dict[str, dict]:
+    """All backends in one process, stepped round-robin, so that load from other jobs hits them alike."""
+    steps, out = {}, {}
+    for b in backends:
+        try:
+            steps[b] = make(b, layers, hidden)
+        except Exception as e:  # noqa: BLE001 - a peer that is not installed
+            out[b] = dict(backend=b, error=f"{type(e).__name__}: {e}")
+    times: dict[str, list[float]] = {b: [] for b in steps}
+    for _ in range(repeats):
+        for b, (step, _, _) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[b].append(time.perf_counter() - t0)
+    for b, (_, n, nt) in steps.items():
+        ts = sorted(times[b])
+        out[b] = dict(backend=b, params=n, tensors=nt, min_ms=ts[0] * 1e3, median_ms=ts[len(ts) // 2] * 1e3,
+                      repeats=repeats)
+    return out
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("timm", "torch_optimizer", "lamb"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            out[mod] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=9)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--backends", nargs="*", default=BACKENDS)
+    ap.add_argument("--no-compiled", action="store_true", help="skip torch.compile (slow to compile on few cores)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(HERE / "results" / "fused_cpu"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(memory_one(args.one, args.layers, args.hidden, 2)))
+        return
+
+    backends = [b for b in args.backends if not (args.no_compiled and b == "lamb_compiled")]
+    timed = time_interleaved(backends, args.layers, args.hidden, args.repeats)
+    rows = []
+    for b in backends:
+        row = timed[b]
+        if "error" not in row:
+            cmd = [sys.executable, __file__, "--one", b, "--layers", str(args.layers), "--hidden", str(args.hidden)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
+            row["step_peak_extra_bytes"] = mem.get("step_peak_extra_bytes")
+        rows.append(row)
+        print(row, flush=True)
+
+    by = {r["backend"]: r for r in rows if "min_ms" in r}
+    ratios = {}
+    if "lamb_fused" in by:
+        f = by["lamb_fused"]["min_ms"]
+        for name, r in by.items():
+            ratios[f"{name}_over_fused"] = r["min_ms"] / f
+    report = dict(machine=machine(), versions=versions(), rows=rows, ratios=ratios,
+                  note=("min over repeats after one warm-up step; the machine is shared with other jobs, so "
+                        "absolute times are noisy (ratios within one run are what to compare)"),
+                  bytes_per_param={"lamb_fused": 40, "torch_adamw_fused": 28})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    n = next((r["params"] for r in rows if "params" in r), 0)
+    lines = [
+        "# Fused CPU LAMB: one optimizer step, BERT-shaped parameters",
+        "",
+        f"Command: `python benchmarks/bench_fused_cpu.py --repeats {args.repeats} --layers {args.layers} "
+        f"--hidden {args.hidden}`",
+        "",
+        f"Parameters: {n / 1e6:.1f}M fp32 in {next((r['tensors'] for r in rows if 'tensors' in r), 0)} tensors "
+        f"(BERT-shaped: vocab 30522, hidden {args.hidden}, {args.layers} layers).",
+        f"Machine: {report['machine']}",
+        f"Versions: {report['versions']}",
+        "",
+        report["note"] + ".",
+        "",
+        "| backend | min ms | median ms | x fused | extra peak RSS during step (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "min_ms" not in r:
+            lines.append(f"| {r['backend']} | failed: {r['error']} | | | |")
+            continue
+        peak = r["step_peak_extra_bytes"]
+        lines.append(f"| {r['backend']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | "
+                     f"{ratios.get(r['backend'] + '_over_fused', float('nan')):.2f} | "
+                     f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |")
+    if "lamb_fused" in by:
+        f = by["lamb_fused"]["min_ms"]
+        lines += ["", "Targets:"]
+        if "timm_lamb" in by:
+            lines.append(f"- timm Lamb / fused = {by['timm_lamb']['min_ms'] / f:.2f} (target >= 6)")
+        if "torch_adamw_fused" in by:
+            lines.append(f"- fused / torch AdamW(fused=True) = {f / by['torch_adamw_fused']['min_ms']:.2f} "
+                         "(target <= 1.6; bytes 40 vs 28 = 1.43)")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+// Helpers shared by lamb_kernels.cu and lars_kernels.cu: vector loads/stores, alignment, dtype dispatch.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "lamb_cuda.h"
+#include "lamb_math.h"
+#include "multi_tensor_apply.cuh"
+
+namespace lamb_cuda {
+
+using lamb_math::bf16_t;
+using lamb_math::fp16_t;
+
+constexpr int kVec = 4;  // elements per vector access (16 bytes of fp32, 8 of bf16/fp16)
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ void load_f(const T* base, int64_t i, float (&out)[V]) {
+  const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(base + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = lamb_math::to_float(x.v[k]);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_f(T* base, int64_t i, const float (&in)[V]) {
+  Vec<T, V> x;
+#pragma unroll
+  for (int k = 0; k < V; ++k) x.v[k] = lamb_math::from_float<T>(in[k]);
+  *reinterpret_cast<Vec<T, V>*>(base + i) = x;
+}
+
+__device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+
+// Calls F::template run<P, S, MASTER>() for a batch's dtype combination.
+#define LAMB_CUDA_DISPATCH(combo, ...)                                      \
+  switch (combo) {                                                          \
+    case kF32: { using P = float; using S = float; constexpr bool MASTER = false; __VA_ARGS__; break; }      \
+    case kBF16: { using P = bf16_t; using S = bf16_t; constexpr bool MASTER = false; __VA_ARGS__; break; }   \
+    case kF16: { using P = fp16_t; using S = fp16_t; constexpr bool MASTER = false; __VA_ARGS__; break; }    \
+    case kBF16Master: { using P = bf16_t; using S = float; constexpr bool MASTER = true; __VA_ARGS__; break; } \
+    case kF16Master: { using P = fp16_t; using S = float; constexpr bool MASTER = true; __VA_ARGS__; break; }  \
+    default: return cudaErrorInvalidValue;                                   \
+  }
+
+}  // namespace lamb_cuda

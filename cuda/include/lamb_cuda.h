@@ -1,0 +1,75 @@
+// The torch-free interface between the CUDA kernels (lamb_kernels.cu, lars_kernels.cu) and the torch
+// binding (lamb_cuda_binding.cpp): plain pointers, sizes and a stream.  Each function returns a
+// cudaError_t (cudaSuccess when every launch went out).
+//
+// One optimizer step over n tensors is, all on one stream and with no host synchronisation:
+//   prologue   1 block:    skip flag (found_inf, non-finite divisor/scale), grad multiplier, per-tensor
+//                          bias-correction terms from each tensor's step
+//   pass A     per dtype combination: per-chunk partial sums (||w||^2, ||u||^2, sum g^2); LAMB also
+//                          writes m, v unless check_finite
+//   finalize   1 block:    per-tensor sums in chunk order, trust ratio, trust/norm outputs, step += 1;
+//                          with check_finite a non-finite gradient sets the skip flag here
+//   pass B     per dtype combination: the update (skipped when the flag is set)
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "lamb_math.h"
+
+namespace lamb_cuda {
+
+constexpr int64_t kChunkSize = 65536;
+
+enum Combo : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBF16Master = 3, kF16Master = 4 };
+
+// Per-tensor terms computed on the device.
+struct TensorCoef {
+  lamb_math::LambStepCoef c;  // LAMB bias correction at this step (unused by LARS)
+  float s;                    // pass B step: lr_t * rho (LAMB) or lr * rho (LARS)
+  float decay;                // LAMB decoupled decay lr * wd, else 0
+};
+
+// Device scratch of one call.
+struct Scratch {
+  int* flag;              // 1: skip this step
+  float* gscale;          // +-1 / (grad_divisor * grad_scale)
+  TensorCoef* coef;       // [n]
+  double* partial;        // [total chunks][3]
+  const int64_t* table;   // [4n] addresses of step, trust_ratio, weight_norm, update_norm; then [n+1] chunk prefix
+};
+
+// The tensors of one dtype combination (host arrays).
+struct Batch {
+  int n;
+  int combo;
+  void* const* ptr[5];       // p, g, m (LARS: momentum), v (LARS: unused), master (nullptr entries if none)
+  const int64_t* numel;
+  const int64_t* chunk_base;
+  const int* id;             // index of each tensor in the call
+};
+
+// Optional device scalars (nullptr when absent).
+struct StepScalars {
+  const float* found_inf;
+  const float* grad_divisor;
+  const float* grad_scale;
+  const float* lr;           // a tensor learning rate; else LambParams::lr / LarsParams::lr is used
+};
+
+cudaError_t lamb_prologue(int n, const lamb_math::LambParams& hp, StepScalars sc, int maximize, Scratch s,
+                          cudaStream_t stream);
+cudaError_t lamb_pass_a(const Batch& b, const lamb_math::LambParams& hp, bool write_state, Scratch s,
+                        cudaStream_t stream);
+cudaError_t lamb_finalize(int n, const lamb_math::LambParams& hp, StepScalars sc, bool check_finite, Scratch s,
+                          cudaStream_t stream);
+cudaError_t lamb_pass_b(const Batch& b, const lamb_math::LambParams& hp, bool recompute, Scratch s,
+                        cudaStream_t stream);
+
+cudaError_t lars_prologue(int n, StepScalars sc, int maximize, Scratch s, cudaStream_t stream);
+cudaError_t lars_pass_a(const Batch& b, const lamb_math::LarsParams& lp, Scratch s, cudaStream_t stream);
+cudaError_t lars_finalize(int n, const lamb_math::LarsParams& lp, StepScalars sc, bool check_finite, Scratch s,
+                          cudaStream_t stream);
+cudaError_t lars_pass_b(const Batch& b, const lamb_math::LarsParams& lp, Scratch s, cudaStream_t stream);
+
+}  // namespace lamb_cuda

@@ -1,0 +1,388 @@
+// The fused CPU twin of the LAMB and LARS kernels: torch.ops.lamb_cpu.lamb_step_ / lars_step_.
+//
+// Same pass structure as the CUDA kernels and the same per-element math (include/lamb_math.h):
+//   pass A  reads g, w, m, v; writes m, v (unless finiteness must first be checked); accumulates
+//           ||w||^2, ||u||^2 (and with check_finite sum g^2, finite iff every g is) per chunk, in double;
+//   ratio   per tensor, from the chunk sums added in chunk order (fixed chunking: the result does not
+//           depend on the thread count);
+//   pass B  reads w, m, v (and g when recomputing), writes w (and the low-precision copy).
+// fp32 LAMB moves 40 bytes a parameter a step (24 in pass A, 16 in pass B); with check_finite it is 44
+// (pass A only reads: 16; pass B reads g, w, m, v and writes m, v, w: 28).  LARS moves 28 (8 + 20).
+//
+// Threads: at::parallel_for over chunks of kChunk elements.  The norms' partial sums live in a buffer of
+// at most kWave chunks (pass A runs in waves of kWave chunks), so no allocation grows with the
+// parameter count.  SIMD: the loops are compiled twice, for baseline x86-64 and for AVX2+FMA, and picked
+// from cpuid at run time (never -march=native, so a cached build can move between machines).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "include/lamb_math.h"
+
+namespace lamb_cpu {
+
+using namespace lamb_math;
+
+constexpr int64_t kChunk = 16384;  // elements per chunk (64 KiB of fp32 per buffer)
+constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum buffer: 256 x 3 doubles)
+
+enum Combo : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBF16Master = 3, kF16Master = 4 };
+
+struct TensorRef {
+  void* p;           // the parameter (written)
+  const void* g;     // its gradient
+  void* m;           // exp_avg, or LARS's momentum_buffer
+  void* v;           // exp_avg_sq (LAMB only)
+  float* master;     // fp32 master weights, or nullptr
+  int64_t numel;
+  int combo;
+  LambStepCoef coef;  // LAMB bias-correction terms at this tensor's step
+  float s;           // pass B step: lr_t * rho (LAMB), lr * rho (LARS)
+  float decay;       // lr * wd in LAMB's "decoupled" mode, else 0
+};
+
+namespace base {
+#include "cpu/lamb_cpu_kernels.inc"
+}  // namespace base
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/lamb_cpu_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#define LAMB_CPU_HAS_AVX2 1
+#endif
+
+// 0: baseline loops, 1: AVX2+FMA; -1: from cpuid (the default; LAMB_CPU_ISA=base|avx2 overrides).
+static int g_isa = -1;
+
+static int detect_isa() {
+#ifdef LAMB_CPU_HAS_AVX2
+  const char* env = std::getenv("LAMB_CPU_ISA");
+  if (env != nullptr && std::string(env) == "base") return 0;
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+static int isa() {
+  if (g_isa < 0) g_isa = detect_isa();
+  return g_isa;
+}
+
+// Select the loops (tests run both): -1 re-detects; returns the ISA now in use (0 base, 1 avx2).
+int64_t set_isa(int64_t which) {
+  if (which < 0) {
+    g_isa = detect_isa();
+  } else {
+    TORCH_CHECK(which == 0 || (which == 1 && detect_isa() == 1),
+                "lamb_cpu.set_isa: ISA ", which, " is not available on this machine");
+    g_isa = static_cast<int>(which);
+  }
+  return g_isa;
+}
+
+// ---------------------------------------------------------------------------------------- checks
+static int combo_of(const at::Tensor& p, const at::Tensor& state, bool master) {
+  const auto pd = p.scalar_type();
+  const auto sd = state.scalar_type();
+  if (!master) {
+    TORCH_CHECK(sd == pd, "lamb fused CPU: state dtype ", sd, " differs from the parameter's ", pd,
+                " (without master weights the state keeps the parameter's dtype)");
+    if (pd == at::kFloat) return kF32;
+    if (pd == at::kBFloat16) return kBF16;
+    if (pd == at::kHalf) return kF16;
+  } else {
+    TORCH_CHECK(sd == at::kFloat, "lamb fused CPU: with master weights the state must be float32, got ", sd);
+    if (pd == at::kBFloat16) return kBF16Master;
+    if (pd == at::kHalf) return kF16Master;
+  }
+  TORCH_CHECK(false, "lamb fused CPU: unsupported parameter dtype ", pd, (master ? " with master weights" : ""),
+              "; supported: float32, bfloat16, float16 (bf16/fp16 with or without fp32 master weights)");
+  return -1;
+}
+
+static void check_like(const at::Tensor& t, const at::Tensor& p, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "lamb fused CPU: ", what, " is on ", t.device(), ", expected cpu");
+  TORCH_CHECK(t.numel() == p.numel(), "lamb fused CPU: ", what, " has ", t.numel(), " elements, the parameter ",
+              p.numel());
+  TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == p.strides()),
+              "lamb fused CPU: ", what, " must be dense with the parameter's strides");
+}
+
+static void check_scalar_out(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
+              "lamb fused CPU: ", what, " must be a one-element float32 CPU tensor");
+}
+
+static double read_scalar(const std::optional<at::Tensor>& t) { return t->item<double>(); }
+
+// Chunks of tensor i are prefix[i] .. prefix[i+1]-1.
+static std::vector<int64_t> chunk_prefix(const std::vector<TensorRef>& ts) {
+  std::vector<int64_t> prefix(ts.size() + 1, 0);
+  for (size_t i = 0; i < ts.size(); ++i) prefix[i + 1] = prefix[i] + (ts[i].numel + kChunk - 1) / kChunk;
+  return prefix;
+}
+
+template <class F>
+static void for_chunks(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix, int64_t b,
+                       int64_t e, const F& fn) {
+  if (b >= e) return;
+  int64_t ti = std::upper_bound(prefix.begin(), prefix.end(), b) - prefix.begin() - 1;
+  for (int64_t c = b; c < e; ++c) {
+    while (prefix[ti + 1] <= c) ++ti;
+    const int64_t lo = (c - prefix[ti]) * kChunk;
+    const int64_t hi = std::min(ts[ti].numel, lo + kChunk);
+    fn(ts[ti], ti, lo, hi, c);
+  }
+}
+
+// Pass A in waves: partial sums per chunk, then added per tensor in chunk order (deterministic).
+template <class F>
+static void reduce_pass(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix,
+                        std::vector<double>& sums /* 3 per tensor */, const F& chunk_fn) {
+  const int64_t total = prefix.back();
+  std::vector<double> partial(static_cast<size_t>(std::min(total, kWave)) * 3);
+  for (int64_t w0 = 0; w0 < total; w0 += kWave) {
+    const int64_t w1 = std::min(total, w0 + kWave);
+    at::parallel_for(w0, w1, 1, [&](int64_t b, int64_t e) {
+      for_chunks(ts, prefix, b, e, [&](const TensorRef& t, int64_t, int64_t lo, int64_t hi, int64_t c) {
+        chunk_fn(t, lo, hi, &partial[(c - w0) * 3]);
+      });
+    });
+    for_chunks(ts, prefix, w0, w1, [&](const TensorRef&, int64_t ti, int64_t, int64_t, int64_t c) {
+      for (int k = 0; k < 3; ++k) sums[ti * 3 + k] += partial[(c - w0) * 3 + k];
+    });
+  }
+}
+
+template <class F>
+static void update_pass(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix, const F& chunk_fn) {
+  at::parallel_for(0, prefix.back(), 1, [&](int64_t b, int64_t e) {
+    for_chunks(ts, prefix, b, e,
+               [&](const TensorRef& t, int64_t, int64_t lo, int64_t hi, int64_t) { chunk_fn(t, lo, hi); });
+  });
+}
+
+static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grads, at::TensorList bufs1,
+                                      at::TensorList bufs2, const c10::List<std::optional<at::Tensor>>& masters,
+                                      at::TensorList steps, at::TensorList trust_ratios, at::TensorList weight_norms,
+                                      at::TensorList update_norms) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && bufs1.size() == n && (bufs2.empty() || bufs2.size() == n) &&
+                  masters.size() == n && steps.size() == n && trust_ratios.size() == n &&
+                  weight_norms.size() == n && update_norms.size() == n,
+              "lamb fused CPU: the tensor lists must have one entry per parameter");
+  std::vector<TensorRef> ts(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::optional<at::Tensor> mo = masters.get(i);
+    const bool has_master = mo.has_value() && mo->defined();
+    TORCH_CHECK(p.device().is_cpu(), "lamb fused CPU: parameter ", i, " is on ", p.device());
+    TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "lamb fused CPU: parameter ", i,
+                " is not dense (a view with gaps); the fused kernels need dense parameters");
+    check_like(grads[i], p, "a gradient");
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "lamb fused CPU: gradient dtype ",
+                grads[i].scalar_type(), " differs from the parameter's ", p.scalar_type());
+    check_like(bufs1[i], p, "a state buffer");
+    if (!bufs2.empty()) {
+      check_like(bufs2[i], p, "a state buffer");
+      TORCH_CHECK(bufs2[i].scalar_type() == bufs1[i].scalar_type(), "lamb fused CPU: exp_avg and exp_avg_sq dtypes differ");
+    }
+    TensorRef& t = ts[i];
+    t.combo = combo_of(p, bufs1[i], has_master);
+    if (has_master) {
+      check_like(*mo, p, "a master parameter");
+      TORCH_CHECK(mo->scalar_type() == at::kFloat, "lamb fused CPU: master parameters must be float32");
+      t.master = mo->data_ptr<float>();
+    } else {
+      t.master = nullptr;
+    }
+    check_scalar_out(steps[i], "state step");
+    check_scalar_out(trust_ratios[i], "trust_ratio");
+    check_scalar_out(weight_norms[i], "weight_norm");
+    check_scalar_out(update_norms[i], "update_norm");
+    t.p = p.data_ptr();
+    t.g = grads[i].data_ptr();
+    t.m = bufs1[i].data_ptr();
+    t.v = bufs2.empty() ? nullptr : bufs2[i].data_ptr();
+    t.numel = p.numel();
+    t.s = 0.0f;
+    t.decay = 0.0f;
+  }
+  return ts;
+}
+
+// gscale = +-1 / (grad_divisor * grad_scale); false where the step must be skipped (found_inf set, or a
+// non-finite divisor/scale).
+static bool grad_multiplier(const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf, bool maximize, float* gscale) {
+  if (found_inf.has_value() && read_scalar(found_inf) != 0.0) return false;
+  double div = 1.0;
+  if (grad_divisor.has_value()) div *= read_scalar(grad_divisor);
+  if (grad_scale.has_value()) div *= read_scalar(grad_scale);
+  if (!std::isfinite(div) || div == 0.0) return false;
+  *gscale = static_cast<float>((maximize ? -1.0 : 1.0) / div);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------- LAMB
+void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
+               double weight_decay, int64_t weight_decay_mode, int64_t bias_correction, bool grad_averaging,
+               bool adapt, std::optional<double> min_trust_ratio, std::optional<double> max_trust_ratio,
+               std::optional<double> weight_norm_lo, std::optional<double> weight_norm_hi, bool maximize,
+               bool check_finite) {
+  TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, "lamb fused CPU: bad weight_decay_mode");
+  TORCH_CHECK(bias_correction >= 0 && bias_correction <= 2, "lamb fused CPU: bad bias_correction");
+  std::vector<TensorRef> ts = collect(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps,
+                                      trust_ratios, weight_norms, update_norms);
+  float gscale = 1.0f;
+  if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
+
+  LambParams hp{};
+  hp.lr = static_cast<float>(lr);
+  hp.beta1 = static_cast<float>(beta1);
+  hp.beta2 = static_cast<float>(beta2);
+  hp.beta3 = grad_averaging ? static_cast<float>(1.0 - beta1) : 1.0f;
+  hp.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  hp.eps = static_cast<float>(eps);
+  hp.weight_decay = static_cast<float>(weight_decay);
+  hp.wd_l2 = (weight_decay_mode == kDecayL2) ? hp.weight_decay : 0.0f;
+  hp.wd_ratio = (weight_decay_mode == kDecayRatio) ? hp.weight_decay : 0.0f;
+  hp.decoupled = (weight_decay_mode == kDecayDecoupled && weight_decay != 0.0) ? 1 : 0;
+  hp.bias_correction = static_cast<int>(bias_correction);
+  hp.adapt = adapt ? 1 : 0;
+  hp.has_bounds = weight_norm_lo.has_value() ? 1 : 0;
+  hp.wn_lo = static_cast<float>(weight_norm_lo.value_or(0.0));
+  hp.wn_hi = static_cast<float>(weight_norm_hi.value_or(0.0));
+  hp.has_min = min_trust_ratio.has_value() ? 1 : 0;
+  hp.has_max = max_trust_ratio.has_value() ? 1 : 0;
+  hp.min_ratio = static_cast<float>(min_trust_ratio.value_or(0.0));
+  hp.max_ratio = static_cast<float>(max_trust_ratio.value_or(0.0));
+  hp.lr_wd = static_cast<float>(lr * weight_decay);
+  const float decay = hp.decoupled ? hp.lr_wd : 0.0f;
+
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const float t = state_steps[i].data_ptr<float>()[0] + 1.0f;
+    ts[i].coef = lamb_step_coef(hp, hp.lr, t);
+    ts[i].decay = decay;
+  }
+
+  const std::vector<int64_t> prefix = chunk_prefix(ts);
+  std::vector<double> sums(ts.size() * 3, 0.0);
+  const bool write_a = !check_finite;
+  const bool use_avx2 = isa() == 1;
+  reduce_pass(ts, prefix, sums, [&](const TensorRef& t, int64_t lo, int64_t hi, double* acc) {
+#ifdef LAMB_CPU_HAS_AVX2
+    if (use_avx2) return avx2::lamb_chunk_a(t, lo, hi, hp, gscale, write_a, acc);
+#endif
+    base::lamb_chunk_a(t, lo, hi, hp, gscale, write_a, acc);
+  });
+  if (check_finite) {
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (!std::isfinite(sums[i * 3 + 2])) return;  // nothing written yet: the step is skipped
+  }
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const float wn = static_cast<float>(std::sqrt(sums[i * 3 + 0]));
+    const float un = static_cast<float>(std::sqrt(sums[i * 3 + 1]));
+    const float rho = lamb_trust_ratio(wn, un, hp);
+    ts[i].s = ts[i].coef.lr_t * rho;
+    trust_ratios[i].data_ptr<float>()[0] = rho;
+    weight_norms[i].data_ptr<float>()[0] = wn;
+    update_norms[i].data_ptr<float>()[0] = un;
+  }
+  update_pass(ts, prefix, [&](const TensorRef& t, int64_t lo, int64_t hi) {
+#ifdef LAMB_CPU_HAS_AVX2
+    if (use_avx2) return avx2::lamb_chunk_b(t, lo, hi, hp, gscale, check_finite);
+#endif
+    base::lamb_chunk_b(t, lo, hi, hp, gscale, check_finite);
+  });
+  for (size_t i = 0; i < ts.size(); ++i) state_steps[i].data_ptr<float>()[0] += 1.0f;
+}
+
+// ---------------------------------------------------------------------------------------- LARS
+void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, double lr,
+               double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,
+               int64_t denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) {
+  std::vector<TensorRef> ts = collect(params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios,
+                                      weight_norms, update_norms);
+  float gscale = 1.0f;
+  if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
+  LarsParams lp{};
+  lp.lr = static_cast<float>(lr);
+  lp.momentum = static_cast<float>(momentum);
+  lp.weight_decay = static_cast<float>(weight_decay);
+  lp.trust_coefficient = static_cast<float>(trust_coefficient);
+  lp.eps = static_cast<float>(eps);
+  lp.nesterov = nesterov ? 1 : 0;
+  lp.denom_norm = denominator == 1 ? 1 : 0;
+  lp.trust_clip = trust_clip ? 1 : 0;
+  lp.adapt = adapt ? 1 : 0;
+
+  const std::vector<int64_t> prefix = chunk_prefix(ts);
+  std::vector<double> sums(ts.size() * 3, 0.0);
+  const bool use_avx2 = isa() == 1;
+  reduce_pass(ts, prefix, sums, [&](const TensorRef& t, int64_t lo, int64_t hi, double* acc) {
+#ifdef LAMB_CPU_HAS_AVX2
+    if (use_avx2) return avx2::lars_chunk_a(t, lo, hi, lp, gscale, acc);
+#endif
+    base::lars_chunk_a(t, lo, hi, lp, gscale, acc);
+  });
+  if (check_finite) {
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (!std::isfinite(sums[i * 3 + 2])) return;
+  }
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const float wn = static_cast<float>(std::sqrt(sums[i * 3 + 0]));
+    const float gn = static_cast<float>(std::sqrt(sums[i * 3 + 1]));
+    const float rho = lars_trust_ratio(wn, gn, lp.lr, lp);
+    ts[i].s = lp.lr * rho;
+    trust_ratios[i].data_ptr<float>()[0] = rho;
+    weight_norms[i].data_ptr<float>()[0] = wn;
+    update_norms[i].data_ptr<float>()[0] = gn;
+  }
+  update_pass(ts, prefix, [&](const TensorRef& t, int64_t lo, int64_t hi) {
+#ifdef LAMB_CPU_HAS_AVX2
+    if (use_avx2) return avx2::lars_chunk_b(t, lo, hi, lp, gscale);
+#endif
+    base::lars_chunk_b(t, lo, hi, lp, gscale);
+  });
+  for (size_t i = 0; i < ts.size(); ++i) state_steps[i].data_ptr<float>()[0] += 1.0f;
+}
+
+}  // namespace lamb_cpu
+
+TORCH_LIBRARY(lamb_cpu, m) {
+  m.def(
+      "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(h!)[] update_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, int bias_correction, "
+      "bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, "
+      "float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
+      &lamb_cpu::lamb_step);
+  m.def(
+      "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
+      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
+      "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
+      "bool maximize, bool check_finite) -> ()",
+      &lamb_cpu::lars_step);
+  m.def("set_isa(int which) -> int", &lamb_cpu::set_isa);
+}

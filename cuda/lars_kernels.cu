@@ -1,0 +1,175 @@
+// Fused LARS on CUDA: prologue, pass A (norms, read only), finalize, pass B (see include/lamb_cuda.h).
+// No torch headers.  fp32 bytes a parameter a step: pass A reads g, w (8); pass B reads g, w, v and
+// writes v, w (20): 28.  Pass A writes nothing, so the inf/NaN check (check_finite) costs no extra bytes.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "include/kernel_common.cuh"
+
+namespace lamb_cuda {
+
+using lamb_math::LarsParams;
+
+template <typename P, typename S, bool MASTER>
+struct LarsAFunctor {
+  template <int V>
+  __device__ __forceinline__ static void body(const P* g, const P* p, const float* x, int64_t i, const LarsParams& lp,
+                                              float gs, float& aw, float& as) {
+    float gf[V], wf[V];
+    load_f<V>(g, i, gf);
+    if (MASTER) {
+      load_f<V>(x, i, wf);
+    } else {
+      load_f<V>(p, i, wf);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float d = lamb_math::lars_stat(gf[k] * gs, wf[k], lp);
+      aw += wf[k] * wf[k];
+      as += d * d;
+    }
+  }
+
+  __device__ void operator()(int64_t chunk_size, TensorListMetadata<5>& meta, LarsParams lp, Scratch s) {
+    if (*s.flag) return;
+    const int tl = meta.block_to_tensor[blockIdx.x];
+    const int64_t chunk = meta.block_to_chunk[blockIdx.x];
+    const int64_t start = chunk * chunk_size;
+    const int64_t len = min(chunk_size, meta.numel[tl] - start);
+    const P* p = static_cast<const P*>(meta.addr[0][tl]) + start;
+    const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
+    const float* x = MASTER ? static_cast<const float*>(meta.addr[4][tl]) + start : nullptr;
+    const float gs = *s.gscale;
+    float aw = 0.f, as = 0.f;
+    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
+                     is_aligned(x, sizeof(float) * kVec);
+    const int64_t nvec = vec ? len / kVec : 0;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) body<kVec>(g, p, x, j * kVec, lp, gs, aw, as);
+    for (int64_t i = nvec * kVec + threadIdx.x; i < len; i += blockDim.x) body<1>(g, p, x, i, lp, gs, aw, as);
+
+    __shared__ double shared[2 * kBlockSize];
+    double sums[2] = {aw, as};
+    block_sum<2>(sums, shared);
+    if (threadIdx.x == 0) {
+      double* out = s.partial + (meta.chunk_base[tl] + chunk) * 3;
+      out[0] = sums[0];
+      out[1] = sums[1];
+      out[2] = sums[1];  // finite iff every g is
+    }
+  }
+};
+
+template <typename P, typename S, bool MASTER>
+struct LarsBFunctor {
+  template <int V>
+  __device__ __forceinline__ static void body(const P* g, P* p, float* x, S* buf, int64_t i, const LarsParams& lp,
+                                              float gs, float step) {
+    float gf[V], wf[V], vf[V];
+    load_f<V>(g, i, gf);
+    if (MASTER) {
+      load_f<V>(x, i, wf);
+    } else {
+      load_f<V>(p, i, wf);
+    }
+    load_f<V>(buf, i, vf);
+#pragma unroll
+    for (int k = 0; k < V; ++k) lamb_math::lars_apply(gf[k] * gs, wf[k], vf[k], step, lp);
+    store_f<V>(buf, i, vf);
+    if (MASTER) store_f<V>(x, i, wf);
+    store_f<V>(p, i, wf);
+  }
+
+  __device__ void operator()(int64_t chunk_size, TensorListMetadata<5>& meta, LarsParams lp, Scratch s) {
+    if (*s.flag) return;
+    const int tl = meta.block_to_tensor[blockIdx.x];
+    const int64_t chunk = meta.block_to_chunk[blockIdx.x];
+    const int64_t start = chunk * chunk_size;
+    const int64_t len = min(chunk_size, meta.numel[tl] - start);
+    P* p = static_cast<P*>(meta.addr[0][tl]) + start;
+    const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
+    S* buf = static_cast<S*>(meta.addr[2][tl]) + start;
+    float* x = MASTER ? static_cast<float*>(meta.addr[4][tl]) + start : nullptr;
+    const float gs = *s.gscale;
+    const float step = s.coef[meta.id[tl]].s;
+    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
+                     is_aligned(buf, sizeof(S) * kVec) && is_aligned(x, sizeof(float) * kVec);
+    const int64_t nvec = vec ? len / kVec : 0;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) body<kVec>(g, p, x, buf, j * kVec, lp, gs, step);
+    for (int64_t i = nvec * kVec + threadIdx.x; i < len; i += blockDim.x) body<1>(g, p, x, buf, i, lp, gs, step);
+  }
+};
+
+__device__ __forceinline__ float* lars_stat_ptr(const Scratch& s, int n, int which, int i) {
+  return reinterpret_cast<float*>(static_cast<uintptr_t>(s.table[which * n + i]));
+}
+
+__global__ void lars_prologue_kernel(StepScalars sc, int maximize, Scratch s) {
+  if (threadIdx.x == 0) {
+    int skip = 0;
+    float div = 1.0f;
+    if (sc.found_inf != nullptr && *sc.found_inf != 0.0f) skip = 1;
+    if (sc.grad_scale != nullptr) div *= *sc.grad_scale;
+    if (!isfinite(div) || div == 0.0f) skip = 1;
+    *s.flag = skip;
+    *s.gscale = skip ? 0.0f : (maximize ? -1.0f : 1.0f) / div;
+  }
+}
+
+__global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int check_finite, Scratch s) {
+  if (*s.flag) return;
+  const int64_t* prefix = s.table + 4 * n;
+  int nonfinite = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    double w2 = 0.0, d2 = 0.0;
+    for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
+      w2 += s.partial[c * 3 + 0];
+      d2 += s.partial[c * 3 + 1];
+    }
+    if (!isfinite(d2)) nonfinite = 1;
+    s.coef[i].s = static_cast<float>(sqrt(w2));
+    s.coef[i].decay = static_cast<float>(sqrt(d2));
+  }
+  nonfinite = __syncthreads_or(nonfinite);
+  if (check_finite && nonfinite) {
+    if (threadIdx.x == 0) *s.flag = 1;
+    return;
+  }
+  const float lr = sc.lr != nullptr ? *sc.lr : lp.lr;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float wn = s.coef[i].s;
+    const float gn = s.coef[i].decay;
+    const float rho = lamb_math::lars_trust_ratio(wn, gn, lr, lp);
+    s.coef[i].s = lr * rho;
+    s.coef[i].decay = 0.0f;
+    *lars_stat_ptr(s, n, 0, i) += 1.0f;
+    *lars_stat_ptr(s, n, 1, i) = rho;
+    *lars_stat_ptr(s, n, 2, i) = wn;
+    *lars_stat_ptr(s, n, 3, i) = gn;
+  }
+}
+
+cudaError_t lars_prologue(int n, StepScalars sc, int maximize, Scratch s, cudaStream_t stream) {
+  (void)n;
+  lars_prologue_kernel<<<1, 32, 0, stream>>>(sc, maximize, s);
+  return cudaGetLastError();
+}
+
+cudaError_t lars_finalize(int n, const LarsParams& lp, StepScalars sc, bool check_finite, Scratch s,
+                          cudaStream_t stream) {
+  lars_finalize_kernel<<<1, kBlockSize, 0, stream>>>(n, lp, sc, check_finite ? 1 : 0, s);
+  return cudaGetLastError();
+}
+
+cudaError_t lars_pass_a(const Batch& b, const LarsParams& lp, Scratch s, cudaStream_t stream) {
+  LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id, stream,
+                                                           LarsAFunctor<P, S, MASTER>(), lp, s))
+  return cudaSuccess;
+}
+
+cudaError_t lars_pass_b(const Batch& b, const LarsParams& lp, Scratch s, cudaStream_t stream) {
+  LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id, stream,
+                                                           LarsBFunctor<P, S, MASTER>(), lp, s))
+  return cudaSuccess;
+}
+
+}  // namespace lamb_cuda

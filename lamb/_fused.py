@@ -1,0 +1,256 @@
+"""The fused backends of :class:`lamb.Lamb` and :class:`lamb.Lars`: ``_fused_lamb`` and ``_fused_lars``.
+
+Each is the same step as the reference backend (``lamb.lamb._single_tensor_lamb``,
+``lamb.lars._single_tensor_lars``) in two passes over memory, in one kernel call for all the tensors of a
+device (``torch.ops.lamb_cpu.*`` on CPU, ``torch.ops.lamb_cuda.*`` on CUDA; built by :mod:`lamb.ops`):
+
+    LAMB  pass A  read g, x, m, v; write m, v; sum ||x||^2 and ||u||^2 per tensor     24 B/param (fp32)
+          ratio   per tensor, on the tensors' device (no host sync on CUDA)
+          pass B  read x, m, v; recompute u; write x (and the bf16/fp16 copy)           16 B/param
+    LARS  pass A  read g, w; sum ||w||^2 and ||g||^2 (or ||g + wd w||^2)                 8 B/param
+          pass B  read g, w, v; write v, w                                               20 B/param
+
+Skipping a step (GradScaler's inf/NaN protocol): ``found_inf`` (a tensor, non-zero: skip), a non-finite
+``grad_divisor`` or ``grad_scale`` skip the whole call before anything is written, without a host sync on
+CUDA; skipped steps leave the parameters, every state tensor and ``step`` unchanged. ``grad_scale``
+divides the gradients (unscaling folded into pass A). With ``check_finite=True`` the kernel also finds
+non-finite gradients itself: LAMB's pass A then only reads, and pass B recomputes the moments from g and
+writes m, v, x (44 B/param instead of 40); LARS's pass A only reads anyway, so its check is free.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lamb import ops
+
+__all__ = ["fused_supported", "fused_preferred", "_fused_lamb", "_fused_lars", "FUSED_DTYPES"]
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_WD_MODES = {"ratio": 0, "l2": 1, "decoupled": 2}
+_BIAS = {"moments": 0, "lr": 1, "none": 2}
+_DENOMINATORS = {"sum": 0, "norm": 1}
+
+
+def _dense(t: Tensor) -> bool:
+    if t.numel() == 0 or t.is_contiguous():
+        return True
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        try:
+            if t.is_contiguous(memory_format=fmt):
+                return True
+        except RuntimeError:  # a format that does not fit the tensor's rank
+            pass
+    return False
+
+
+@lru_cache(maxsize=None)
+def _device_status(device_type: str, index: int | None) -> tuple[bool, str]:
+    if device_type == "cpu":
+        return ops.cpu_status()
+    if device_type == "cuda":
+        return ops.cuda_status(torch.device("cuda", index) if index is not None else None)
+    return False, f"no fused kernel exists for {device_type} tensors (fused kernels: cpu, cuda)"
+
+
+def fused_supported(tensors: list[Tensor]) -> tuple[bool, str]:
+    """Whether a fused kernel can step these parameters: ``(True, "")`` or ``(False, reason)``.
+
+    The reason says what is missing and how to fix it (a compiler, a CUDA build of torch, a dtype).
+    Cheap enough to call every step: nothing is compiled here.
+    """
+    for t in tensors:
+        if t.dtype not in FUSED_DTYPES:
+            return False, (f"the fused kernels support float32, bfloat16 and float16 parameters, not {t.dtype} "
+                           f"(parameter of shape {tuple(t.shape)}); use foreach=True or fused=False")
+        if not _dense(t):
+            return False, f"a parameter of shape {tuple(t.shape)} is a strided view; the fused kernels need dense tensors"
+    seen = set()
+    for t in tensors:
+        key = (t.device.type, t.device.index)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key[0] == "cpu":
+            ok, why = ops.cpu_status()  # not cached: it turns True once a build exists
+        else:
+            ok, why = _device_status(*key)
+        if not ok:
+            return False, why
+    return True, ""
+
+
+def fused_preferred(tensors: list[Tensor]) -> bool:
+    """Whether ``fused=None`` should take the fused kernel: supported here and already built (or built
+    ahead of time), so that choosing it never starts a compile in the middle of training."""
+    if not tensors or not fused_supported(tensors)[0]:
+        return False
+    devices = {t.device.type for t in tensors}
+    if "cpu" in devices and not ops.is_cpu_built():
+        return False
+    if "cuda" in devices and not ops.is_cuda_built():
+        return False
+    return True
+
+
+def _op(device: torch.device, name: str) -> Any:
+    if device.type == "cpu":
+        ops.load_cpu()
+        return getattr(torch.ops.lamb_cpu, name)
+    if device.type == "cuda":
+        ops.load_cuda()
+        return getattr(torch.ops.lamb_cuda, name)
+    raise RuntimeError(f"lamb: no fused kernel for {device.type} tensors")
+
+
+def _by_device(params: list[Tensor]) -> dict[torch.device, list[int]]:
+    out: dict[torch.device, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        out[p.device].append(i)
+    return out
+
+
+def _grad_like(g: Tensor, p: Tensor) -> Tensor:
+    """The gradient in the parameter's dtype and memory layout (a copy only where they differ)."""
+    if g.dtype == p.dtype and (g.numel() == 0 or g.stride() == p.stride()) and _dense(g):
+        return g
+    out = torch.empty_like(p)
+    out.copy_(g)
+    return out
+
+
+def _scalar_on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    if t is None:
+        return None
+    return t.to(device=device, dtype=torch.float32) if (t.device != device or t.dtype != torch.float32) else t
+
+
+def _lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """A float lr for the CPU kernel; on CUDA a tensor lr stays on the device (read by the kernel)."""
+    if isinstance(lr, Tensor):
+        if device.type == "cpu" or lr.device.type == "cpu":
+            return float(lr), None
+        return 0.0, _scalar_on(lr, device)
+    return float(lr), None
+
+
+def _fused_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor | None],
+    state_steps: list[Tensor],
+    trust_ratios: list[Tensor],
+    weight_norms: list[Tensor],
+    update_norms: list[Tensor],
+    *,
+    grad_divisor: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    weight_decay_mode: str,
+    bias_correction: str,
+    grad_averaging: bool,
+    adapt: bool,
+    min_trust_ratio: float | None,
+    max_trust_ratio: float | None,
+    weight_norm_bounds: tuple[float, float] | None,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    check_finite: bool = False,
+) -> None:
+    """The fused LAMB backend: the keyword arguments of ``_single_tensor_lamb`` plus the step-skipping ones.
+
+    Args (beyond the reference backend's):
+        grad_scale: GradScaler's scale (0-dim tensor); the gradients are divided by it in pass A.
+        found_inf: 0-dim tensor; non-zero skips the step (nothing written, ``step`` not advanced).
+        check_finite: also skip the step when a gradient in this call is inf/NaN (44 instead of 40 bytes
+            a parameter; see the module docstring).
+    """
+    if not params:
+        return
+    lo, hi = weight_norm_bounds if weight_norm_bounds is not None else (None, None)
+    for device, idx in _by_device(params).items():
+        op = _op(device, "lamb_step_")
+        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        lr_f, lr_t = _lr(lr, device)
+        args = [
+            pick(params),
+            [_grad_like(grads[i], params[i]) for i in idx],
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            pick(master_params),
+            pick(state_steps),
+            pick(trust_ratios),
+            pick(weight_norms),
+            pick(update_norms),
+            _scalar_on(grad_divisor, device),
+            _scalar_on(grad_scale, device),
+            _scalar_on(found_inf, device),
+        ]
+        if device.type == "cuda":
+            args.append(lr_t)
+        op(*args, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay), _WD_MODES[weight_decay_mode],
+           _BIAS[bias_correction], bool(grad_averaging), bool(adapt),
+           None if min_trust_ratio is None else float(min_trust_ratio),
+           None if max_trust_ratio is None else float(max_trust_ratio),
+           None if lo is None else float(lo), None if hi is None else float(hi), bool(maximize), bool(check_finite))
+
+
+def _fused_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    master_params: list[Tensor | None],
+    state_steps: list[Tensor],
+    trust_ratios: list[Tensor],
+    weight_norms: list[Tensor],
+    update_norms: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    denominator: str,
+    trust_clip: bool,
+    adapt: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    check_finite: bool = False,
+) -> None:
+    """The fused LARS backend: the keyword arguments of ``_single_tensor_lars`` plus ``grad_scale``,
+    ``found_inf`` and ``check_finite`` (as for :func:`_fused_lamb`; LARS's check costs no extra bytes)."""
+    if not params:
+        return
+    for device, idx in _by_device(params).items():
+        op = _op(device, "lars_step_")
+        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        lr_f, lr_t = _lr(lr, device)
+        args = [
+            pick(params),
+            [_grad_like(grads[i], params[i]) for i in idx],
+            pick(momentum_buffers),
+            pick(master_params),
+            pick(state_steps),
+            pick(trust_ratios),
+            pick(weight_norms),
+            pick(update_norms),
+            _scalar_on(grad_scale, device),
+            _scalar_on(found_inf, device),
+        ]
+        if device.type == "cuda":
+            args.append(lr_t)
+        op(*args, lr_f, float(momentum), float(weight_decay), float(trust_coefficient), float(eps), bool(nesterov),
+           _DENOMINATORS[denominator], bool(trust_clip), bool(adapt), bool(maximize), bool(check_finite))
