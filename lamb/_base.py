@@ -55,6 +55,32 @@ class LayerwiseOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+        # GradScaler protocol (as torch's fused Adam): with fused=True, torch.amp.GradScaler neither unscales
+        # nor syncs; it sets self.grad_scale and self.found_inf and the kernel unscales and skips on device.
+        if defaults.get("fused"):
+            self._step_supports_amp_scaling = True
+
+    def _amp_state(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(grad_scale, found_inf)`` that GradScaler left for this step, or ``(None, None)``."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    @staticmethod
+    def _amp_kwargs(backend: str, grad_scale: Tensor | None, found_inf: Tensor | None) -> dict[str, Any]:
+        """The fused kernels unscale and skip on device; the other backends go through ``_amp_fallback``."""
+        if backend == "fused" and (grad_scale is not None or found_inf is not None):
+            return {"grad_scale": grad_scale, "found_inf": found_inf}
+        return {}
+
+    @staticmethod
+    def _amp_fallback(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
+        """For a group that is not fused under GradScaler's fused protocol (a group overriding fused=False):
+        do what GradScaler does for other optimizers. Returns True to skip the group's step; otherwise the
+        gradients are unscaled in place. The ``found_inf`` read is a host sync, as in GradScaler itself."""
+        if found_inf is not None and bool(found_inf.item()):
+            return True
+        if grad_scale is not None and grads:
+            torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+        return False
 
     # ----------------------------------------------------------------------------------- options
     def add_param_group(self, param_group: dict[str, Any]) -> None:

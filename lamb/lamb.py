@@ -170,11 +170,14 @@ class Lamb(LayerwiseOptimizer):
                 loss = closure()
 
         collected = [self._collect_for_step(group) for group in self.param_groups]
+        grad_scale, found_inf = self._amp_state()
         global_norm = None
         if any(g["max_grad_norm"] is not None for g in self.param_groups):
             all_grads = [grad for _, grads, _ in collected for grad in grads]
             global_norm = (_global_grad_norm(all_grads) if self._partition_layout is None
                            else self._partition_layout.grad_norm(all_grads))  # ZeRO: across ranks and groups
+            if grad_scale is not None:
+                global_norm = global_norm / grad_scale  # the norm of the unscaled gradients
 
         for group, (params, grads, states) in zip(self.param_groups, collected):
             if not params:
@@ -183,6 +186,10 @@ class Lamb(LayerwiseOptimizer):
             if group["max_grad_norm"] is not None:
                 # max(1, ||G|| / max_norm): divides only when the global norm is above the threshold.
                 grad_divisor = torch.clamp(global_norm / group["max_grad_norm"], min=1.0)
+            backend = self._backend_kwargs(group, params)
+            amp = self._amp_kwargs(backend["backend"], grad_scale, found_inf)
+            if not amp and self._amp_fallback(grads, grad_scale, found_inf):
+                continue
             beta1, beta2 = group["betas"]
             lamb(
                 params,
@@ -194,7 +201,8 @@ class Lamb(LayerwiseOptimizer):
                 [s["trust_ratio"] for s in states],
                 [s["weight_norm"] for s in states],
                 [s["update_norm"] for s in states],
-                **self._backend_kwargs(group, params),
+                **backend,
+                **amp,
                 grad_divisor=grad_divisor,
                 lr=group["lr"],
                 beta1=beta1,

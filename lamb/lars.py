@@ -30,7 +30,7 @@ class Lars(LayerwiseOptimizer):
             && \text{denominator="sum" (LARS paper, MLPerf); 1 if } \|w\| = 0 \text{ or } \|g\| = 0 \\
         \rho &= \frac{\tau \|w\|}{\|g + \lambda w\| + \epsilon}
             && \text{denominator="norm"; 1 if } \|w\| = 0 \text{ or } \|g + \lambda w\| = 0 \\
-        \rho &\leftarrow \min(\rho / \eta, 1) && \text{trust\_clip=True (apex LARC's clip mode)} \\
+        \rho &\leftarrow \min(\rho / \eta, 1) && \text{trust\_clip=True (apex LARC's clip mode; computed ratios only)} \\
         d &= g + \lambda w \\
         v &\leftarrow \mu v + \eta \rho d && \text{the learning rate sits inside the momentum, as in MLPerf} \\
         w &\leftarrow w - v && \text{nesterov: } w \leftarrow w - (\mu v + \eta \rho d)
@@ -115,9 +115,14 @@ class Lars(LayerwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = self._amp_state()
         for group in self.param_groups:
             params, grads, states = self._collect_for_step(group)
             if not params:
+                continue
+            backend = self._backend_kwargs(group, params)
+            amp = self._amp_kwargs(backend["backend"], grad_scale, found_inf)
+            if not amp and self._amp_fallback(grads, grad_scale, found_inf):
                 continue
             lars(
                 params,
@@ -128,7 +133,8 @@ class Lars(LayerwiseOptimizer):
                 [s["trust_ratio"] for s in states],
                 [s["weight_norm"] for s in states],
                 [s["update_norm"] for s in states],
-                **self._backend_kwargs(group, params),
+                **backend,
+                **amp,
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
@@ -174,11 +180,11 @@ def _ratio(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, weight_decay: 
            eps: float, denominator: str, trust_clip: bool) -> Tensor:
     """LARS's :math:`\\rho` from the norms (stacked or 0-dim); ``g_norm`` is ||g|| or ||g + wd w||."""
     denom = g_norm + weight_decay * w_norm + eps if denominator == "sum" else g_norm + eps
-    rho = trust_ratio(trust_coefficient * w_norm, denom, zero_check=(w_norm, g_norm))
-    if trust_clip:
-        # LARC clip: local lr = min(lr * rho, lr); a zero-norm ratio of 1 is already at the cap.
-        rho = torch.clamp(rho / lr, max=1.0)
-    return rho
+    if not trust_clip:
+        return trust_ratio(trust_coefficient * w_norm, denom, zero_check=(w_norm, g_norm))
+    # LARC clip: local lr = min(lr * rho, lr), i.e. rho -> min(rho / lr, 1), on a computed ratio only:
+    # a zero norm keeps ratio 1, also where lr > 1 (apex LARC skips both the ratio and the clip there).
+    return trust_ratio(trust_coefficient * w_norm / lr, denom, zero_check=(w_norm, g_norm), max_ratio=1.0)
 
 
 def _single_tensor_lars(

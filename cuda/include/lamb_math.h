@@ -231,8 +231,9 @@ LAMB_HD float lars_trust_ratio(float w_norm, float g_norm, float lr, const LarsP
   if (w_norm > 0.0f && g_norm > 0.0f) {
     const float denom = p.denom_norm ? g_norm + p.eps : (g_norm + p.weight_decay * w_norm) + p.eps;
     rho = (p.trust_coefficient * w_norm) / denom;
+    // LARC's clip applies to a computed ratio only: a zero norm keeps 1 even when lr > 1.
+    if (p.trust_clip) rho = fminf(rho / lr, 1.0f);
   }
-  if (p.trust_clip) rho = fminf(rho / lr, 1.0f);
   return rho;
 }
 
