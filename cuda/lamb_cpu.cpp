@@ -6,6 +6,9 @@
 //   ratio   per tensor, from the chunk sums added in chunk order (fixed chunking: the result does not
 //           depend on the thread count);
 //   pass B  reads w, m, v (and g when recomputing), writes w (and the low-precision copy).
+// The same step split in two ops (lamb_pass_a_ / lamb_pass_b_, lars_pass_a_ / lars_pass_b_) for tensors
+// that are pieces of parameters (ZeRO partitions): pass A returns the pieces' partial squared norms, the
+// caller completes them across the pieces (an all-reduce), pass B applies the exact ratios; see "split steps".
 // fp32 LAMB moves 40 bytes a parameter a step (24 in pass A, 16 in pass B); with check_finite it is 44
 // (pass A only reads: 16; pass B reads g, w, m, v and writes m, v, w: 28).  LARS moves 28 (8 + 20).
 //
@@ -20,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "include/lamb_math.h"
@@ -178,9 +182,10 @@ static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grad
                                       at::TensorList steps, at::TensorList trust_ratios, at::TensorList weight_norms,
                                       at::TensorList update_norms) {
   const size_t n = params.size();
+  const bool has_stats = !(trust_ratios.empty() && weight_norms.empty() && update_norms.empty());
   TORCH_CHECK(grads.size() == n && bufs1.size() == n && (bufs2.empty() || bufs2.size() == n) &&
-                  masters.size() == n && steps.size() == n && trust_ratios.size() == n &&
-                  weight_norms.size() == n && update_norms.size() == n,
+                  masters.size() == n && steps.size() == n &&
+                  (!has_stats || (trust_ratios.size() == n && weight_norms.size() == n && update_norms.size() == n)),
               "lamb fused CPU: the tensor lists must have one entry per parameter");
   std::vector<TensorRef> ts(n);
   for (size_t i = 0; i < n; ++i) {
@@ -208,9 +213,11 @@ static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grad
       t.master = nullptr;
     }
     check_scalar_out(steps[i], "state step");
-    check_scalar_out(trust_ratios[i], "trust_ratio");
-    check_scalar_out(weight_norms[i], "weight_norm");
-    check_scalar_out(update_norms[i], "update_norm");
+    if (has_stats) {
+      check_scalar_out(trust_ratios[i], "trust_ratio");
+      check_scalar_out(weight_norms[i], "weight_norm");
+      check_scalar_out(update_norms[i], "update_norm");
+    }
     t.p = p.data_ptr();
     t.g = grads[i].data_ptr();
     t.m = bufs1[i].data_ptr();
@@ -236,22 +243,21 @@ static bool grad_multiplier(const std::optional<at::Tensor>& grad_divisor, const
 }
 
 // ---------------------------------------------------------------------------------------- LAMB
-void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
-               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
-               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
-               double weight_decay, int64_t weight_decay_mode, int64_t bias_correction, bool grad_averaging,
-               bool adapt, std::optional<double> min_trust_ratio, std::optional<double> max_trust_ratio,
-               std::optional<double> weight_norm_lo, std::optional<double> weight_norm_hi, bool maximize,
-               bool check_finite) {
+#define LAMB_HP_ARGS                                                                                           \
+  double lr, double beta1, double beta2, double eps, double weight_decay, int64_t weight_decay_mode,            \
+      int64_t bias_correction, bool grad_averaging, bool adapt, std::optional<double> min_trust_ratio,          \
+      std::optional<double> max_trust_ratio, std::optional<double> weight_norm_lo,                              \
+      std::optional<double> weight_norm_hi, bool maximize, bool check_finite
+#define LAMB_HP_PASS                                                                                           \
+  lr, beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction, grad_averaging, adapt,              \
+      min_trust_ratio, max_trust_ratio, weight_norm_lo, weight_norm_hi
+
+static LambParams lamb_params(double lr, double beta1, double beta2, double eps, double weight_decay,
+                              int64_t weight_decay_mode, int64_t bias_correction, bool grad_averaging, bool adapt,
+                              std::optional<double> min_trust_ratio, std::optional<double> max_trust_ratio,
+                              std::optional<double> weight_norm_lo, std::optional<double> weight_norm_hi) {
   TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, "lamb fused CPU: bad weight_decay_mode");
   TORCH_CHECK(bias_correction >= 0 && bias_correction <= 2, "lamb fused CPU: bad bias_correction");
-  std::vector<TensorRef> ts = collect(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps,
-                                      trust_ratios, weight_norms, update_norms);
-  float gscale = 1.0f;
-  if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
-
   LambParams hp{};
   hp.lr = static_cast<float>(lr);
   hp.beta1 = static_cast<float>(beta1);
@@ -273,57 +279,149 @@ void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   hp.min_ratio = static_cast<float>(min_trust_ratio.value_or(0.0));
   hp.max_ratio = static_cast<float>(max_trust_ratio.value_or(0.0));
   hp.lr_wd = static_cast<float>(lr * weight_decay);
-  const float decay = hp.decoupled ? hp.lr_wd : 0.0f;
+  return hp;
+}
 
+// Bias-correction terms at each tensor's next step (step itself is advanced after pass B).
+static void lamb_coefs(std::vector<TensorRef>& ts, at::TensorList state_steps, const LambParams& hp) {
+  const float decay = hp.decoupled ? hp.lr_wd : 0.0f;
   for (size_t i = 0; i < ts.size(); ++i) {
     const float t = state_steps[i].data_ptr<float>()[0] + 1.0f;
     ts[i].coef = lamb_step_coef(hp, hp.lr, t);
     ts[i].decay = decay;
   }
+}
 
-  const std::vector<int64_t> prefix = chunk_prefix(ts);
+// Pass A: updates m, v (unless write is false) and sums ||w||^2, ||u||^2, sum g^2 per tensor (3 a tensor).
+static std::vector<double> lamb_sums(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix,
+                                     const LambParams& hp, float gscale, bool write) {
   std::vector<double> sums(ts.size() * 3, 0.0);
-  const bool write_a = !check_finite;
   const bool use_avx2 = isa() == 1;
   reduce_pass(ts, prefix, sums, [&](const TensorRef& t, int64_t lo, int64_t hi, double* acc) {
 #ifdef LAMB_CPU_HAS_AVX2
-    if (use_avx2) return avx2::lamb_chunk_a(t, lo, hi, hp, gscale, write_a, acc);
+    if (use_avx2) return avx2::lamb_chunk_a(t, lo, hi, hp, gscale, write, acc);
 #endif
-    base::lamb_chunk_a(t, lo, hi, hp, gscale, write_a, acc);
+    base::lamb_chunk_a(t, lo, hi, hp, gscale, write, acc);
   });
-  if (check_finite) {
-    for (size_t i = 0; i < ts.size(); ++i)
-      if (!std::isfinite(sums[i * 3 + 2])) return;  // nothing written yet: the step is skipped
-  }
+  return sums;
+}
+
+// Ratio from the (full) squared norms w2[i * stride], u2[i * stride], statistics, pass B, step += 1.
+static void lamb_apply_all(std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix, const LambParams& hp,
+                           float gscale, bool recompute, const double* w2, const double* u2, int64_t stride,
+                           at::TensorList state_steps, at::TensorList trust_ratios, at::TensorList weight_norms,
+                           at::TensorList update_norms) {
   for (size_t i = 0; i < ts.size(); ++i) {
-    const float wn = static_cast<float>(std::sqrt(sums[i * 3 + 0]));
-    const float un = static_cast<float>(std::sqrt(sums[i * 3 + 1]));
+    const float wn = static_cast<float>(std::sqrt(w2[i * stride]));
+    const float un = static_cast<float>(std::sqrt(u2[i * stride]));
     const float rho = lamb_trust_ratio(wn, un, hp);
     ts[i].s = ts[i].coef.lr_t * rho;
     trust_ratios[i].data_ptr<float>()[0] = rho;
     weight_norms[i].data_ptr<float>()[0] = wn;
     update_norms[i].data_ptr<float>()[0] = un;
   }
+  const bool use_avx2 = isa() == 1;
   update_pass(ts, prefix, [&](const TensorRef& t, int64_t lo, int64_t hi) {
 #ifdef LAMB_CPU_HAS_AVX2
-    if (use_avx2) return avx2::lamb_chunk_b(t, lo, hi, hp, gscale, check_finite);
+    if (use_avx2) return avx2::lamb_chunk_b(t, lo, hi, hp, gscale, recompute);
 #endif
-    base::lamb_chunk_b(t, lo, hi, hp, gscale, check_finite);
+    base::lamb_chunk_b(t, lo, hi, hp, gscale, recompute);
   });
   for (size_t i = 0; i < ts.size(); ++i) state_steps[i].data_ptr<float>()[0] += 1.0f;
 }
 
-// ---------------------------------------------------------------------------------------- LARS
-void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
                at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, double lr,
-               double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,
-               int64_t denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) {
-  std::vector<TensorRef> ts = collect(params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios,
-                                      weight_norms, update_norms);
+               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, LAMB_HP_ARGS) {
+  const LambParams hp = lamb_params(LAMB_HP_PASS);
+  std::vector<TensorRef> ts = collect(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps,
+                                      trust_ratios, weight_norms, update_norms);
   float gscale = 1.0f;
-  if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
+  if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
+  lamb_coefs(ts, state_steps, hp);
+  const std::vector<int64_t> prefix = chunk_prefix(ts);
+  const std::vector<double> sums = lamb_sums(ts, prefix, hp, gscale, /*write=*/!check_finite);
+  if (check_finite) {
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (!std::isfinite(sums[i * 3 + 2])) return;  // nothing written yet: the step is skipped
+  }
+  lamb_apply_all(ts, prefix, hp, gscale, check_finite, sums.data(), sums.data() + 1, 3, state_steps, trust_ratios,
+                 weight_norms, update_norms);
+}
+
+// ---------------------------------------------------------------------------------------- split steps
+// The one-call step in two ops, for tensors that are pieces of parameters (ZeRO partitions): pass A
+// writes each piece's partial squared norms into sq_norms = [||x_1||^2 .. ||x_n||^2, ||u_1||^2 .. ||u_n||^2]
+// (float64); the caller completes them (e.g. an all-reduce over ranks); pass B takes the full squared
+// norms in the same layout and applies the ratio, the update and step += 1.  A skipped step (found_inf,
+// non-finite divisor/scale) writes zeros in pass A and nothing in either pass.  With check_finite, pass A
+// only reads and marks a piece with a non-finite gradient by a NaN ||u||^2, which survives a sum over
+// pieces; pass B skips the step where any full norm is non-finite and otherwise recomputes m, v.
+static void check_sq_norms(const at::Tensor& sq, size_t n, const char* what) {
+  TORCH_CHECK(sq.device().is_cpu() && sq.scalar_type() == at::kDouble && sq.is_contiguous() &&
+                  sq.numel() == static_cast<int64_t>(2 * n),
+              "lamb fused CPU: ", what, " must be a contiguous float64 CPU tensor of 2 x ", n,
+              " squared norms, got ", sq.scalar_type(), " ", sq.sizes());
+}
+
+static bool all_finite(const double* q, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(q[i])) return false;
+  return true;
+}
+
+void lamb_pass_a(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                 const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_divisor,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                 LAMB_HP_ARGS) {
+  const LambParams hp = lamb_params(LAMB_HP_PASS);
+  std::vector<TensorRef> ts = collect(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, {}, {}, {});
+  const size_t n = ts.size();
+  check_sq_norms(sq_norms, n, "sq_norms");
+  double* out = sq_norms.data_ptr<double>();
+  std::fill(out, out + 2 * n, 0.0);
+  float gscale = 1.0f;
+  if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
+  lamb_coefs(ts, state_steps, hp);
+  const std::vector<double> sums = lamb_sums(ts, chunk_prefix(ts), hp, gscale, /*write=*/!check_finite);
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = sums[i * 3 + 0];
+    out[n + i] = (check_finite && !std::isfinite(sums[i * 3 + 2])) ? std::numeric_limits<double>::quiet_NaN()
+                                                                  : sums[i * 3 + 1];
+  }
+}
+
+void lamb_pass_b(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                 at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+                 const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_divisor,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                 LAMB_HP_ARGS) {
+  const LambParams hp = lamb_params(LAMB_HP_PASS);
+  std::vector<TensorRef> ts = collect(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps,
+                                      trust_ratios, weight_norms, update_norms);
+  const size_t n = ts.size();
+  check_sq_norms(sq_norms, n, "the full sq_norms");
+  const double* full = sq_norms.data_ptr<double>();
+  float gscale = 1.0f;
+  if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
+  if (check_finite && !all_finite(full, 2 * n)) return;  // pass A wrote nothing: the step is skipped
+  lamb_coefs(ts, state_steps, hp);
+  lamb_apply_all(ts, chunk_prefix(ts), hp, gscale, check_finite, full, full + n, 1, state_steps, trust_ratios,
+                 weight_norms, update_norms);
+}
+
+// ---------------------------------------------------------------------------------------- LARS
+#define LARS_HP_ARGS                                                                                           \
+  double lr, double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,         \
+      int64_t denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite
+#define LARS_HP_PASS lr, momentum, weight_decay, trust_coefficient, eps, nesterov, denominator, trust_clip, adapt
+
+static LarsParams lars_params(double lr, double momentum, double weight_decay, double trust_coefficient, double eps,
+                              bool nesterov, int64_t denominator, bool trust_clip, bool adapt) {
   LarsParams lp{};
   lp.lr = static_cast<float>(lr);
   lp.momentum = static_cast<float>(momentum);
@@ -334,8 +432,12 @@ void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momen
   lp.denom_norm = denominator == 1 ? 1 : 0;
   lp.trust_clip = trust_clip ? 1 : 0;
   lp.adapt = adapt ? 1 : 0;
+  return lp;
+}
 
-  const std::vector<int64_t> prefix = chunk_prefix(ts);
+// Pass A (reads only): ||w||^2, ||g||^2 (or ||g + wd w||^2) and the same again for the finiteness check.
+static std::vector<double> lars_sums(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix,
+                                     const LarsParams& lp, float gscale) {
   std::vector<double> sums(ts.size() * 3, 0.0);
   const bool use_avx2 = isa() == 1;
   reduce_pass(ts, prefix, sums, [&](const TensorRef& t, int64_t lo, int64_t hi, double* acc) {
@@ -344,19 +446,23 @@ void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momen
 #endif
     base::lars_chunk_a(t, lo, hi, lp, gscale, acc);
   });
-  if (check_finite) {
-    for (size_t i = 0; i < ts.size(); ++i)
-      if (!std::isfinite(sums[i * 3 + 2])) return;
-  }
+  return sums;
+}
+
+static void lars_apply_all(std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix, const LarsParams& lp,
+                           float gscale, const double* w2, const double* g2, int64_t stride,
+                           at::TensorList state_steps, at::TensorList trust_ratios, at::TensorList weight_norms,
+                           at::TensorList update_norms) {
   for (size_t i = 0; i < ts.size(); ++i) {
-    const float wn = static_cast<float>(std::sqrt(sums[i * 3 + 0]));
-    const float gn = static_cast<float>(std::sqrt(sums[i * 3 + 1]));
+    const float wn = static_cast<float>(std::sqrt(w2[i * stride]));
+    const float gn = static_cast<float>(std::sqrt(g2[i * stride]));
     const float rho = lars_trust_ratio(wn, gn, lp.lr, lp);
     ts[i].s = lp.lr * rho;
     trust_ratios[i].data_ptr<float>()[0] = rho;
     weight_norms[i].data_ptr<float>()[0] = wn;
     update_norms[i].data_ptr<float>()[0] = gn;
   }
+  const bool use_avx2 = isa() == 1;
   update_pass(ts, prefix, [&](const TensorRef& t, int64_t lo, int64_t hi) {
 #ifdef LAMB_CPU_HAS_AVX2
     if (use_avx2) return avx2::lars_chunk_b(t, lo, hi, lp, gscale);
@@ -364,6 +470,65 @@ void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momen
     base::lars_chunk_b(t, lo, hi, lp, gscale);
   });
   for (size_t i = 0; i < ts.size(); ++i) state_steps[i].data_ptr<float>()[0] += 1.0f;
+}
+
+void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               LARS_HP_ARGS) {
+  std::vector<TensorRef> ts = collect(params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios,
+                                      weight_norms, update_norms);
+  float gscale = 1.0f;
+  if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
+  const LarsParams lp = lars_params(LARS_HP_PASS);
+  const std::vector<int64_t> prefix = chunk_prefix(ts);
+  const std::vector<double> sums = lars_sums(ts, prefix, lp, gscale);
+  if (check_finite) {
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (!std::isfinite(sums[i * 3 + 2])) return;
+  }
+  lars_apply_all(ts, prefix, lp, gscale, sums.data(), sums.data() + 1, 3, state_steps, trust_ratios, weight_norms,
+                 update_norms);
+}
+
+// As lamb_pass_a / lamb_pass_b: sq_norms = [||w_i||^2 .., ||g_i||^2 (or ||g_i + wd w_i||^2) ..]; pass A
+// only reads, so check_finite costs nothing here either.
+void lars_pass_a(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                 const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, LARS_HP_ARGS) {
+  std::vector<TensorRef> ts = collect(params, grads, momentum_buffers, {}, master_params, state_steps, {}, {}, {});
+  const size_t n = ts.size();
+  check_sq_norms(sq_norms, n, "sq_norms");
+  double* out = sq_norms.data_ptr<double>();
+  std::fill(out, out + 2 * n, 0.0);
+  float gscale = 1.0f;
+  if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
+  const LarsParams lp = lars_params(LARS_HP_PASS);
+  const std::vector<double> sums = lars_sums(ts, chunk_prefix(ts), lp, gscale);
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = sums[i * 3 + 0];
+    out[n + i] = sums[i * 3 + 1];  // non-finite iff a gradient is (or a weight)
+  }
+}
+
+void lars_pass_b(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                 at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+                 const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, LARS_HP_ARGS) {
+  std::vector<TensorRef> ts = collect(params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios,
+                                      weight_norms, update_norms);
+  const size_t n = ts.size();
+  check_sq_norms(sq_norms, n, "the full sq_norms");
+  const double* full = sq_norms.data_ptr<double>();
+  float gscale = 1.0f;
+  if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
+  if (check_finite && !all_finite(full, 2 * n)) return;
+  const LarsParams lp = lars_params(LARS_HP_PASS);
+  lars_apply_all(ts, chunk_prefix(ts), lp, gscale, full, full + n, 1, state_steps, trust_ratios, weight_norms,
+                 update_norms);
 }
 
 }  // namespace lamb_cpu
@@ -384,5 +549,35 @@ TORCH_LIBRARY(lamb_cpu, m) {
       "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
       "bool maximize, bool check_finite) -> ()",
       &lamb_cpu::lars_step);
+  // The split step (ZeRO partitions; see lamb_pass_a above): same arguments, the statistics replaced by
+  // sq_norms (pass A writes it) or followed by it (pass B reads the completed norms).
+  m.def(
+      "lamb_pass_a_(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor?[] master_params, Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_divisor, "
+      "Tensor? grad_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, "
+      "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
+      &lamb_cpu::lamb_pass_a);
+  m.def(
+      "lamb_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, "
+      "int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, "
+      "float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
+      &lamb_cpu::lamb_pass_b);
+  m.def(
+      "lars_pass_a_(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor?[] master_params, "
+      "Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_scale, Tensor? found_inf, float lr, "
+      "float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, int denominator, "
+      "bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()",
+      &lamb_cpu::lars_pass_a);
+  m.def(
+      "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
+      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "Tensor sq_norms, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
+      "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
+      "bool maximize, bool check_finite) -> ()",
+      &lamb_cpu::lars_pass_b);
   m.def("set_isa(int which) -> int", &lamb_cpu::set_isa);
 }

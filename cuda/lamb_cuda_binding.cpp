@@ -1,4 +1,5 @@
-// The torch binding of the CUDA kernels: torch.ops.lamb_cuda.lamb_step_ / lars_step_.
+// The torch binding of the CUDA kernels: torch.ops.lamb_cuda.lamb_step_ / lars_step_, and the split
+// step's lamb_pass_a_ / lamb_pass_b_ / lars_pass_a_ / lars_pass_b_ (pieces of parameters, ZeRO partitions).
 //
 // Checks the tensors, groups them by dtype combination, packs the per-tensor addresses of step and the
 // trust statistics into a pinned table copied to the device without a sync, allocates the call's small
@@ -159,23 +160,23 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
   }
 }
 
-void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
-               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
-               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor, double lr,
-               double beta1, double beta2, double eps, double weight_decay, int64_t weight_decay_mode,
-               int64_t bias_correction, bool grad_averaging, bool adapt, std::optional<double> min_trust_ratio,
-               std::optional<double> max_trust_ratio, std::optional<double> weight_norm_lo,
-               std::optional<double> weight_norm_hi, bool maximize, bool check_finite) {
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  Call call;
-  prepare(call, params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, trust_ratios, weight_norms,
-          update_norms);
-  const at::Device dev = params[0].device();
-  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), opt_ptr(grad_divisor, dev, "grad_divisor"),
-                 opt_ptr(grad_scale, dev, "grad_scale"), opt_ptr(lr_tensor, dev, "lr")};
+#define LAMB_HP_ARGS                                                                                           \
+  double lr, double beta1, double beta2, double eps, double weight_decay, int64_t weight_decay_mode,            \
+      int64_t bias_correction, bool grad_averaging, bool adapt, std::optional<double> min_trust_ratio,          \
+      std::optional<double> max_trust_ratio, std::optional<double> weight_norm_lo,                              \
+      std::optional<double> weight_norm_hi, bool maximize, bool check_finite
+#define LAMB_HP_PASS                                                                                           \
+  lr, beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction, grad_averaging, adapt,              \
+      min_trust_ratio, max_trust_ratio, weight_norm_lo, weight_norm_hi
+#define LARS_HP_ARGS                                                                                           \
+  double lr, double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,         \
+      int64_t denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite
+#define LARS_HP_PASS lr, momentum, weight_decay, trust_coefficient, eps, nesterov, denominator, trust_clip, adapt
+
+LambParams lamb_params(double lr, double beta1, double beta2, double eps, double weight_decay,
+                       int64_t weight_decay_mode, int64_t bias_correction, bool grad_averaging, bool adapt,
+                       std::optional<double> min_trust_ratio, std::optional<double> max_trust_ratio,
+                       std::optional<double> weight_norm_lo, std::optional<double> weight_norm_hi) {
   LambParams hp{};
   hp.lr = static_cast<float>(lr);
   hp.beta1 = static_cast<float>(beta1);
@@ -197,29 +198,11 @@ void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   hp.has_max = max_trust_ratio.has_value() ? 1 : 0;
   hp.min_ratio = static_cast<float>(min_trust_ratio.value_or(0.0));
   hp.max_ratio = static_cast<float>(max_trust_ratio.value_or(0.0));
-
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  cuda_check(lamb_prologue(call.n, hp, sc, maximize ? 1 : 0, call.s, stream), "the LAMB prologue");
-  for (const Batch& b : call.batches) cuda_check(lamb_pass_a(b, hp, !check_finite, call.s, stream), "LAMB pass A");
-  cuda_check(lamb_finalize(call.n, hp, sc, check_finite, call.s, stream), "the LAMB trust ratio");
-  for (const Batch& b : call.batches) cuda_check(lamb_pass_b(b, hp, check_finite, call.s, stream), "LAMB pass B");
+  return hp;
 }
 
-void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
-               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::Tensor>& lr_tensor, double lr, double momentum, double weight_decay,
-               double trust_coefficient, double eps, bool nesterov, int64_t denominator, bool trust_clip, bool adapt,
-               bool maximize, bool check_finite) {
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  Call call;
-  prepare(call, params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios, weight_norms,
-          update_norms);
-  const at::Device dev = params[0].device();
-  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), nullptr, opt_ptr(grad_scale, dev, "grad_scale"),
-                 opt_ptr(lr_tensor, dev, "lr")};
+LarsParams lars_params(double lr, double momentum, double weight_decay, double trust_coefficient, double eps,
+                       bool nesterov, int64_t denominator, bool trust_clip, bool adapt) {
   LarsParams lp{};
   lp.lr = static_cast<float>(lr);
   lp.momentum = static_cast<float>(momentum);
@@ -230,10 +213,148 @@ void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momen
   lp.denom_norm = denominator == 1 ? 1 : 0;
   lp.trust_clip = trust_clip ? 1 : 0;
   lp.adapt = adapt ? 1 : 0;
+  return lp;
+}
+
+// The split step's squared norms: a contiguous float64 tensor of 2n entries on the parameters' device.
+double* sq_norms_ptr(const at::Tensor& sq, const at::Device& dev, int n, const char* what) {
+  TORCH_CHECK(sq.device() == dev && sq.scalar_type() == at::kDouble && sq.is_contiguous() &&
+                  sq.numel() == 2 * static_cast<int64_t>(n),
+              "lamb fused CUDA: ", what, " must be a contiguous float64 tensor of 2 x ", n, " squared norms on ",
+              dev, ", got ", sq.scalar_type(), " ", sq.sizes(), " on ", sq.device());
+  return sq.data_ptr<double>();
+}
+
+void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+               const std::optional<at::Tensor>& grad_divisor, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+               LAMB_HP_ARGS) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  Call call;
+  prepare(call, params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, trust_ratios, weight_norms,
+          update_norms);
+  const at::Device dev = params[0].device();
+  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), opt_ptr(grad_divisor, dev, "grad_divisor"),
+                 opt_ptr(grad_scale, dev, "grad_scale"), opt_ptr(lr_tensor, dev, "lr")};
+  const LambParams hp = lamb_params(LAMB_HP_PASS);
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cuda_check(lamb_prologue(call.n, hp, sc, maximize ? 1 : 0, call.s, stream), "the LAMB prologue");
+  for (const Batch& b : call.batches) cuda_check(lamb_pass_a(b, hp, !check_finite, call.s, stream), "LAMB pass A");
+  cuda_check(lamb_finalize(call.n, hp, sc, check_finite, call.s, stream), "the LAMB trust ratio");
+  for (const Batch& b : call.batches) cuda_check(lamb_pass_b(b, hp, check_finite, call.s, stream), "LAMB pass B");
+}
+
+// The split step (pieces of parameters, see include/lamb_cuda.h): pass A writes the pieces' partial squared
+// norms into sq_norms; pass B takes the complete ones.  No host sync in either.
+void lamb_split_a(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                  const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_divisor,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& lr_tensor, LAMB_HP_ARGS) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // the statistics are not touched by pass A: the steps stand in for them in prepare()'s checks
+  Call call;
+  prepare(call, params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, state_steps, state_steps,
+          state_steps);
+  const at::Device dev = params[0].device();
+  double* out = sq_norms_ptr(sq_norms, dev, call.n, "sq_norms");
+  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), opt_ptr(grad_divisor, dev, "grad_divisor"),
+                 opt_ptr(grad_scale, dev, "grad_scale"), opt_ptr(lr_tensor, dev, "lr")};
+  const LambParams hp = lamb_params(LAMB_HP_PASS);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cuda_check(lamb_prologue(call.n, hp, sc, maximize ? 1 : 0, call.s, stream), "the LAMB prologue");
+  for (const Batch& b : call.batches) cuda_check(lamb_pass_a(b, hp, !check_finite, call.s, stream), "LAMB pass A");
+  cuda_check(partial_sq_norms(call.n, check_finite, call.s, out, stream), "the LAMB partial norms");
+}
+
+void lamb_split_b(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                  at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+                  const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_divisor,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& lr_tensor, LAMB_HP_ARGS) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  Call call;
+  prepare(call, params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, trust_ratios, weight_norms,
+          update_norms);
+  const at::Device dev = params[0].device();
+  const double* full = sq_norms_ptr(sq_norms, dev, call.n, "the full sq_norms");
+  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), opt_ptr(grad_divisor, dev, "grad_divisor"),
+                 opt_ptr(grad_scale, dev, "grad_scale"), opt_ptr(lr_tensor, dev, "lr")};
+  const LambParams hp = lamb_params(LAMB_HP_PASS);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cuda_check(lamb_prologue(call.n, hp, sc, maximize ? 1 : 0, call.s, stream), "the LAMB prologue");
+  cuda_check(lamb_finalize_full(call.n, hp, sc, check_finite, full, call.s, stream), "the LAMB trust ratio");
+  for (const Batch& b : call.batches) cuda_check(lamb_pass_b(b, hp, check_finite, call.s, stream), "LAMB pass B");
+}
+
+void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+               const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+               at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& lr_tensor, LARS_HP_ARGS) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  Call call;
+  prepare(call, params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios, weight_norms,
+          update_norms);
+  const at::Device dev = params[0].device();
+  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), nullptr, opt_ptr(grad_scale, dev, "grad_scale"),
+                 opt_ptr(lr_tensor, dev, "lr")};
+  const LarsParams lp = lars_params(LARS_HP_PASS);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cuda_check(lars_prologue(call.n, sc, maximize ? 1 : 0, call.s, stream), "the LARS prologue");
   for (const Batch& b : call.batches) cuda_check(lars_pass_a(b, lp, call.s, stream), "LARS pass A");
   cuda_check(lars_finalize(call.n, lp, sc, check_finite, call.s, stream), "the LARS trust ratio");
+  for (const Batch& b : call.batches) cuda_check(lars_pass_b(b, lp, call.s, stream), "LARS pass B");
+}
+
+void lars_split_a(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                  const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                  LARS_HP_ARGS) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  Call call;
+  prepare(call, params, grads, momentum_buffers, {}, master_params, state_steps, state_steps, state_steps,
+          state_steps);
+  const at::Device dev = params[0].device();
+  double* out = sq_norms_ptr(sq_norms, dev, call.n, "sq_norms");
+  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), nullptr, opt_ptr(grad_scale, dev, "grad_scale"),
+                 opt_ptr(lr_tensor, dev, "lr")};
+  const LarsParams lp = lars_params(LARS_HP_PASS);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cuda_check(lars_prologue(call.n, sc, maximize ? 1 : 0, call.s, stream), "the LARS prologue");
+  for (const Batch& b : call.batches) cuda_check(lars_pass_a(b, lp, call.s, stream), "LARS pass A");
+  cuda_check(partial_sq_norms(call.n, check_finite, call.s, out, stream), "the LARS partial norms");
+}
+
+void lars_split_b(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  const c10::List<std::optional<at::Tensor>>& master_params, at::TensorList state_steps,
+                  at::TensorList trust_ratios, at::TensorList weight_norms, at::TensorList update_norms,
+                  const at::Tensor& sq_norms, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& lr_tensor,
+                  LARS_HP_ARGS) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  Call call;
+  prepare(call, params, grads, momentum_buffers, {}, master_params, state_steps, trust_ratios, weight_norms,
+          update_norms);
+  const at::Device dev = params[0].device();
+  const double* full = sq_norms_ptr(sq_norms, dev, call.n, "the full sq_norms");
+  StepScalars sc{opt_ptr(found_inf, dev, "found_inf"), nullptr, opt_ptr(grad_scale, dev, "grad_scale"),
+                 opt_ptr(lr_tensor, dev, "lr")};
+  const LarsParams lp = lars_params(LARS_HP_PASS);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cuda_check(lars_prologue(call.n, sc, maximize ? 1 : 0, call.s, stream), "the LARS prologue");
+  cuda_check(lars_finalize_full(call.n, lp, sc, check_finite, full, call.s, stream), "the LARS trust ratio");
   for (const Batch& b : call.batches) cuda_check(lars_pass_b(b, lp, call.s, stream), "LARS pass B");
 }
 
@@ -256,4 +377,36 @@ TORCH_LIBRARY(lamb_cuda, m) {
       "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
       "bool maximize, bool check_finite) -> ()",
       &lamb_cuda::lars_step);
+  // The split step (ZeRO partitions): the statistics replaced by sq_norms (pass A writes the pieces' partial
+  // squared norms) or followed by it (pass B reads the complete ones); see lamb/_fused.py.
+  m.def(
+      "lamb_pass_a_(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor?[] master_params, Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_divisor, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, "
+      "float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, "
+      "bool maximize, bool check_finite) -> ()",
+      &lamb_cuda::lamb_split_a);
+  m.def(
+      "lamb_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, "
+      "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, "
+      "bool check_finite) -> ()",
+      &lamb_cuda::lamb_split_b);
+  m.def(
+      "lars_pass_a_(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor?[] master_params, "
+      "Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, "
+      "float lr, float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, "
+      "int denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()",
+      &lamb_cuda::lars_split_a);
+  m.def(
+      "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
+      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "Tensor sq_norms, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float momentum, "
+      "float weight_decay, float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, "
+      "bool adapt, bool maximize, bool check_finite) -> ()",
+      &lamb_cuda::lars_split_b);
 }

@@ -169,16 +169,27 @@ __global__ void lamb_prologue_kernel(int n, LambParams hp, StepScalars sc, int m
   }
 }
 
-__global__ void lamb_finalize_kernel(int n, LambParams hp, StepScalars sc, int check_finite, Scratch s) {
+// FULL: the squared norms come complete from the caller (full = [||w_i||^2 .., ||u_i||^2 ..], the split
+// step's pass B), and a non-finite one is what check_finite skips on; else they are summed from pass A's
+// per-chunk partial sums.
+template <bool FULL>
+__global__ void lamb_finalize_kernel(int n, LambParams hp, StepScalars sc, int check_finite, const double* full,
+                                     Scratch s) {
   if (*s.flag) return;  // uniform: every thread returns
   const int64_t* prefix = s.table + 4 * n;
   int nonfinite = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     double w2 = 0.0, u2 = 0.0, g2 = 0.0;
-    for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
-      w2 += s.partial[c * 3 + 0];
-      u2 += s.partial[c * 3 + 1];
-      g2 += s.partial[c * 3 + 2];
+    if (FULL) {
+      w2 = full[i];
+      u2 = full[n + i];
+      g2 = w2 + u2;
+    } else {
+      for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
+        w2 += s.partial[c * 3 + 0];
+        u2 += s.partial[c * 3 + 1];
+        g2 += s.partial[c * 3 + 2];
+      }
     }
     if (!isfinite(g2)) nonfinite = 1;
     // keep the norms for the second loop in the coefficient slots they replace
@@ -212,7 +223,39 @@ cudaError_t lamb_prologue(int n, const LambParams& hp, StepScalars sc, int maxim
 
 cudaError_t lamb_finalize(int n, const LambParams& hp, StepScalars sc, bool check_finite, Scratch s,
                           cudaStream_t stream) {
-  lamb_finalize_kernel<<<1, kBlockSize, 0, stream>>>(n, hp, sc, check_finite ? 1 : 0, s);
+  lamb_finalize_kernel<false><<<1, kBlockSize, 0, stream>>>(n, hp, sc, check_finite ? 1 : 0, nullptr, s);
+  return cudaGetLastError();
+}
+
+cudaError_t lamb_finalize_full(int n, const LambParams& hp, StepScalars sc, bool check_finite, const double* full,
+                               Scratch s, cudaStream_t stream) {
+  lamb_finalize_kernel<true><<<1, kBlockSize, 0, stream>>>(n, hp, sc, check_finite ? 1 : 0, full, s);
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------- split step
+// The pieces' partial squared norms after pass A (LAMB or LARS: both leave ||w||^2, ||u||^2 or ||g||^2 and
+// the finiteness sum in s.partial): out = [||w_i||^2 .., ||u_i||^2 ..] per tensor, chunks added in order;
+// zeros where the step is skipped; with check_finite a NaN ||u_i||^2 marks a non-finite gradient.
+__global__ void partial_sq_norms_kernel(int n, int check_finite, Scratch s, double* out) {
+  const int64_t* prefix = s.table + 4 * n;
+  const bool skip = *s.flag != 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    double w2 = 0.0, u2 = 0.0, g2 = 0.0;
+    if (!skip) {
+      for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
+        w2 += s.partial[c * 3 + 0];
+        u2 += s.partial[c * 3 + 1];
+        g2 += s.partial[c * 3 + 2];
+      }
+    }
+    out[i] = w2;
+    out[n + i] = (check_finite && !isfinite(g2)) ? nan("") : u2;
+  }
+}
+
+cudaError_t partial_sq_norms(int n, bool check_finite, Scratch s, double* out, cudaStream_t stream) {
+  partial_sq_norms_kernel<<<1, kBlockSize, 0, stream>>>(n, check_finite ? 1 : 0, s, out);
   return cudaGetLastError();
 }
 

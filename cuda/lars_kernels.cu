@@ -115,15 +115,24 @@ __global__ void lars_prologue_kernel(StepScalars sc, int maximize, Scratch s) {
   }
 }
 
-__global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int check_finite, Scratch s) {
+// FULL: complete squared norms from the caller (the split step's pass B), as in lamb_kernels.cu.
+template <bool FULL>
+__global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int check_finite, const double* full,
+                                     Scratch s) {
   if (*s.flag) return;
   const int64_t* prefix = s.table + 4 * n;
   int nonfinite = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     double w2 = 0.0, d2 = 0.0;
-    for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
-      w2 += s.partial[c * 3 + 0];
-      d2 += s.partial[c * 3 + 1];
+    if (FULL) {
+      w2 = full[i];
+      d2 = full[n + i];
+      if (!isfinite(w2)) nonfinite = 1;
+    } else {
+      for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
+        w2 += s.partial[c * 3 + 0];
+        d2 += s.partial[c * 3 + 1];
+      }
     }
     if (!isfinite(d2)) nonfinite = 1;
     s.coef[i].s = static_cast<float>(sqrt(w2));
@@ -156,7 +165,13 @@ cudaError_t lars_prologue(int n, StepScalars sc, int maximize, Scratch s, cudaSt
 
 cudaError_t lars_finalize(int n, const LarsParams& lp, StepScalars sc, bool check_finite, Scratch s,
                           cudaStream_t stream) {
-  lars_finalize_kernel<<<1, kBlockSize, 0, stream>>>(n, lp, sc, check_finite ? 1 : 0, s);
+  lars_finalize_kernel<false><<<1, kBlockSize, 0, stream>>>(n, lp, sc, check_finite ? 1 : 0, nullptr, s);
+  return cudaGetLastError();
+}
+
+cudaError_t lars_finalize_full(int n, const LarsParams& lp, StepScalars sc, bool check_finite, const double* full,
+                               Scratch s, cudaStream_t stream) {
+  lars_finalize_kernel<true><<<1, kBlockSize, 0, stream>>>(n, lp, sc, check_finite ? 1 : 0, full, s);
   return cudaGetLastError();
 }
 

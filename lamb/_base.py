@@ -149,8 +149,24 @@ class LayerwiseOptimizer(Optimizer):
     def _backend_kwargs(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
         if self._partition_layout is None:
             return {"backend": self._backend(group, params)}
-        # The two-pass norm_reduce path lives in the foreach backends.
-        return {"backend": "foreach", "norm_reduce": self._partition_layout.norm_reduce(group)}
+        # Pieces of parameters: the two-pass norm_reduce path (foreach, or the fused CPU split step).
+        return {"backend": self._partitioned_backend(group, params),
+                "norm_reduce": self._partition_layout.norm_reduce(group)}
+
+    def _partitioned_backend(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """Backend for ZeRO partition pieces: ``"fused"`` (the CPU kernel's split step) where they are CPU fp32
+        (ZeRO-Offload, or DeepSpeed's CPU accelerator) and fused=True, or fused=None with foreach unset and
+        the kernel built; else ``"foreach"``. fused=True where the kernel cannot run raises, as ``_backend``."""
+        if group["fused"] is False or group["foreach"]:
+            return "foreach"
+        if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            return "foreach"
+        if group["fused"]:
+            ok, reason = _fused_support(params)
+            if not ok:
+                raise RuntimeError(f"{type(self).__name__}(fused=True) cannot run here: {reason}")
+            return "fused"
+        return "fused" if group["foreach"] is None and _fused_preferred(params) else "foreach"
 
     def _finish_step(self, group: dict[str, Any], states: list[dict[str, Any]]) -> None:
         if self._partition_layout is not None:

@@ -16,12 +16,22 @@ CUDA; skipped steps leave the parameters, every state tensor and ``step`` unchan
 divides the gradients (unscaling folded into pass A). With ``check_finite=True`` the kernel also finds
 non-finite gradients itself: LAMB's pass A then only reads, and pass B recomputes the moments from g and
 writes m, v, x (44 B/param instead of 40); LARS's pass A only reads anyway, so its check is free.
+
+Partitioned parameters (``norm_reduce``, ZeRO-1/2 and ZeRO-Offload through :mod:`lamb.deepspeed`): the
+tensors are pieces of parameters, so their norms are partial. The step then runs as two ops per device,
+``lamb_pass_a_`` (pass A; writes the pieces' partial squared norms, float64) and ``lamb_pass_b_`` (ratio
+from the completed norms, pass B, ``step += 1``), with one ``norm_reduce`` call between them: the same
+bytes per parameter as the one-call step. Skipped steps write nothing in either pass (pass A reports
+zeros, so the collective inside ``norm_reduce`` still runs on every rank); with ``check_finite`` a piece
+with an inf/NaN gradient reports a NaN ``||u||^2``, which the reduction spreads to every rank, and pass B
+skips the step wherever a completed norm is non-finite.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from functools import lru_cache
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -139,6 +149,37 @@ def _lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]
     return float(lr), None
 
 
+def _split_step(name: str, calls: list[tuple[torch.device, list[int], list[Any], list[Any], list[Any], tuple]],
+                n: int, norm_reduce: Callable[[Tensor], Tensor]) -> None:
+    """Pass A on every device, one ``norm_reduce`` over ``[||x_1||^2..||x_n||^2, ||u_1||^2..||u_n||^2]`` (input
+    order), pass B on every device. ``calls``: per device ``(device, idx, head, stats, tail, hyper)``, the
+    arguments of the one-call op ``head + stats + tail + hyper``."""
+    parts = []
+    for device, idx, head, _stats, tail, hyper in calls:
+        sq = torch.empty(2 * len(idx), dtype=torch.float64, device=device)
+        _op(device, f"{name}_pass_a_")(*head, sq, *tail, *hyper)
+        parts.append(sq)
+    if len(calls) == 1:
+        partial = parts[0]
+    else:  # several devices: one vector in input order, on the first parameter's device
+        home = calls[0][0]
+        partial = torch.empty(2 * n, dtype=torch.float64, device=home)
+        for (_, idx, *_), sq in zip(calls, parts):
+            pos = torch.tensor(idx + [n + i for i in idx], device=home)
+            partial.index_copy_(0, pos, sq.to(home))
+    full = norm_reduce(partial)
+    if not isinstance(full, Tensor) or full.shape != (2 * n,):
+        raise RuntimeError(f"lamb: norm_reduce must return a 1-D tensor of {2 * n} squared norms (the layout it "
+                           f"was given), got {type(full).__name__} {getattr(full, 'shape', '')}")
+    for device, idx, head, stats, tail, hyper in calls:
+        if len(calls) == 1:
+            sq = full
+        else:
+            sq = full[torch.tensor(idx + [n + i for i in idx], device=full.device)]
+        sq = sq.to(device=device, dtype=torch.float64).contiguous()
+        _op(device, f"{name}_pass_b_")(*head, *stats, sq, *tail, *hyper)
+
+
 def _fused_lamb(
     params: list[Tensor],
     grads: list[Tensor],
@@ -167,6 +208,7 @@ def _fused_lamb(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     check_finite: bool = False,
+    norm_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """The fused LAMB backend: the keyword arguments of ``_single_tensor_lamb`` plus the step-skipping ones.
 
@@ -175,35 +217,41 @@ def _fused_lamb(
         found_inf: 0-dim tensor; non-zero skips the step (nothing written, ``step`` not advanced).
         check_finite: also skip the step when a gradient in this call is inf/NaN (44 instead of 40 bytes
             a parameter; see the module docstring).
+        norm_reduce: the tensors are pieces of parameters (ZeRO partitions), as for the foreach backend
+            (``lamb.lamb._multi_tensor_lamb``): called once with the pieces' partial squared norms
+            ``[||x_1||^2 .. ||x_k||^2, ||u_1||^2 .. ||u_k||^2]`` (input order, float64) and returns the full
+            parameters' squared norms in the same layout. ``None``: the one-call step.
     """
     if not params:
         return
     lo, hi = weight_norm_bounds if weight_norm_bounds is not None else (None, None)
+    hyper = (float(beta1), float(beta2), float(eps), float(weight_decay), _WD_MODES[weight_decay_mode],
+             _BIAS[bias_correction], bool(grad_averaging), bool(adapt),
+             None if min_trust_ratio is None else float(min_trust_ratio),
+             None if max_trust_ratio is None else float(max_trust_ratio),
+             None if lo is None else float(lo), None if hi is None else float(hi), bool(maximize), bool(check_finite))
+    calls = []
     for device, idx in _by_device(params).items():
-        op = _op(device, "lamb_step_")
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         lr_f, lr_t = _lr(lr, device)
-        args = [
+        head = [
             pick(params),
             [_grad_like(grads[i], params[i]) for i in idx],
             pick(exp_avgs),
             pick(exp_avg_sqs),
             pick(master_params),
             pick(state_steps),
-            pick(trust_ratios),
-            pick(weight_norms),
-            pick(update_norms),
-            _scalar_on(grad_divisor, device),
-            _scalar_on(grad_scale, device),
-            _scalar_on(found_inf, device),
         ]
+        stats = [pick(trust_ratios), pick(weight_norms), pick(update_norms)]
+        tail = [_scalar_on(grad_divisor, device), _scalar_on(grad_scale, device), _scalar_on(found_inf, device)]
         if device.type == "cuda":
-            args.append(lr_t)
-        op(*args, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay), _WD_MODES[weight_decay_mode],
-           _BIAS[bias_correction], bool(grad_averaging), bool(adapt),
-           None if min_trust_ratio is None else float(min_trust_ratio),
-           None if max_trust_ratio is None else float(max_trust_ratio),
-           None if lo is None else float(lo), None if hi is None else float(hi), bool(maximize), bool(check_finite))
+            tail.append(lr_t)
+        if norm_reduce is None:
+            _op(device, "lamb_step_")(*head, *stats, *tail, lr_f, *hyper)
+        else:
+            calls.append((device, idx, head, stats, tail, (lr_f, *hyper)))
+    if norm_reduce is not None:
+        _split_step("lamb", calls, len(params), norm_reduce)
 
 
 def _fused_lars(
@@ -229,28 +277,34 @@ def _fused_lars(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     check_finite: bool = False,
+    norm_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """The fused LARS backend: the keyword arguments of ``_single_tensor_lars`` plus ``grad_scale``,
-    ``found_inf`` and ``check_finite`` (as for :func:`_fused_lamb`; LARS's check costs no extra bytes)."""
+    ``found_inf`` and ``check_finite`` (as for :func:`_fused_lamb`; LARS's check costs no extra bytes), and
+    ``norm_reduce`` as for the foreach backend (``lamb.lars._multi_tensor_lars``): it completes the pieces'
+    ``[||w_1||^2 .. ||w_k||^2, ||g_1||^2 .. ||g_k||^2]`` (``||g + wd w||^2`` for denominator "norm")."""
     if not params:
         return
+    hyper = (float(momentum), float(weight_decay), float(trust_coefficient), float(eps), bool(nesterov),
+             _DENOMINATORS[denominator], bool(trust_clip), bool(adapt), bool(maximize), bool(check_finite))
+    calls = []
     for device, idx in _by_device(params).items():
-        op = _op(device, "lars_step_")
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         lr_f, lr_t = _lr(lr, device)
-        args = [
+        head = [
             pick(params),
             [_grad_like(grads[i], params[i]) for i in idx],
             pick(momentum_buffers),
             pick(master_params),
             pick(state_steps),
-            pick(trust_ratios),
-            pick(weight_norms),
-            pick(update_norms),
-            _scalar_on(grad_scale, device),
-            _scalar_on(found_inf, device),
         ]
+        stats = [pick(trust_ratios), pick(weight_norms), pick(update_norms)]
+        tail = [_scalar_on(grad_scale, device), _scalar_on(found_inf, device)]
         if device.type == "cuda":
-            args.append(lr_t)
-        op(*args, lr_f, float(momentum), float(weight_decay), float(trust_coefficient), float(eps), bool(nesterov),
-           _DENOMINATORS[denominator], bool(trust_clip), bool(adapt), bool(maximize), bool(check_finite))
+            tail.append(lr_t)
+        if norm_reduce is None:
+            _op(device, "lars_step_")(*head, *stats, *tail, lr_f, *hyper)
+        else:
+            calls.append((device, idx, head, stats, tail, (lr_f, *hyper)))
+    if norm_reduce is not None:
+        _split_step("lars", calls, len(params), norm_reduce)

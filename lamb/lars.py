@@ -180,11 +180,12 @@ def _ratio(w_norm: Tensor, g_norm: Tensor, *, lr: float | Tensor, weight_decay: 
            eps: float, denominator: str, trust_clip: bool) -> Tensor:
     """LARS's :math:`\\rho` from the norms (stacked or 0-dim); ``g_norm`` is ||g|| or ||g + wd w||."""
     denom = g_norm + weight_decay * w_norm + eps if denominator == "sum" else g_norm + eps
-    if not trust_clip:
-        return trust_ratio(trust_coefficient * w_norm, denom, zero_check=(w_norm, g_norm))
-    # LARC clip: local lr = min(lr * rho, lr), i.e. rho -> min(rho / lr, 1), on a computed ratio only:
-    # a zero norm keeps ratio 1, also where lr > 1 (apex LARC skips both the ratio and the clip there).
-    return trust_ratio(trust_coefficient * w_norm / lr, denom, zero_check=(w_norm, g_norm), max_ratio=1.0)
+    rho = trust_ratio(trust_coefficient * w_norm, denom, zero_check=(w_norm, g_norm))
+    if trust_clip:
+        # LARC clip: local lr = min(lr * rho, lr), i.e. rho -> min(rho / lr, 1), on a computed ratio only:
+        # a zero norm keeps ratio 1, also where lr > 1 (apex LARC skips both the ratio and the clip there).
+        rho = torch.where((w_norm > 0) & (g_norm > 0), torch.clamp(rho / lr, max=1.0), rho)
+    return rho
 
 
 def _single_tensor_lars(

@@ -398,3 +398,262 @@ def test_import_never_compiles():
             "assert 'torch.utils.cpp_extension' not in sys.modules or True")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert math.isfinite(1.0)
+
+
+# ------------------------------------------------------------------------------------------- split step (norm_reduce)
+# ZeRO cuts each flat partition into pieces of parameters and steps the pieces with ``norm_reduce`` (see
+# lamb/deepspeed.py). Here one process plays every rank: each parameter is flattened and cut into pieces
+# (views, some empty, listed out of parameter order), the state buffers alike, and norm_reduce sums the
+# pieces' partial squared norms per parameter. The fused split step on the pieces must equal the reference
+# backend on the whole tensors, to the same fp32 tolerance as the one-call step.
+SPLIT_SHAPES = [(1,), (7,), (18011,), (33, 65), (0,), (40000,)]
+
+
+class _Pieces:
+    """Parameters flattened and cut into views; per piece: its owner, its own step and trust statistics."""
+
+    def __init__(self, params, masters=False, seed=0):
+        self.flat = [p.clone().reshape(-1) for p in params]
+        self.state = _state(self.flat, masters)
+        g = torch.Generator().manual_seed(seed)
+        cuts = []
+        for j, t in enumerate(self.flat):
+            n = t.numel()
+            inner = sorted(torch.randint(0, n + 1, (3,), generator=g).tolist()) if n else []
+            bounds = [0, *inner, n]
+            cuts += [(j, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]  # includes empty pieces
+        order = torch.randperm(len(cuts), generator=g).tolist()
+        self.cuts = [cuts[i] for i in order]
+        self.owner = [j for j, _, _ in self.cuts]
+        self.reduce_calls = 0
+        self.pieces, self.piece_state = [], []
+        for j, lo, hi in self.cuts:
+            st = self.state[j]
+            self.pieces.append(self.flat[j][lo:hi])
+            self.piece_state.append(dict(
+                master=None if st["master"] is None else st["master"][lo:hi],
+                m=st["m"][lo:hi], v=st["v"][lo:hi], step=torch.zeros(()), tr=torch.ones(()),
+                wn=torch.zeros(()), un=torch.zeros(())))
+
+    def grads(self, grads):
+        flat = [g.reshape(-1) for g in grads]
+        return [flat[j][lo:hi] for j, lo, hi in self.cuts]
+
+    def norm_reduce(self, sq):
+        """What one all_reduce(SUM) over ranks gives: each piece's entry becomes its parameter's full sum."""
+        self.reduce_calls += 1
+        k = len(self.pieces)
+        assert sq.shape == (2 * k,)
+        owner = torch.tensor(self.owner)
+        out = torch.empty_like(sq)
+        for half in (0, k):
+            full = torch.zeros(len(self.flat), dtype=sq.dtype).index_add_(0, owner, sq[half:half + k])
+            out[half:half + k] = full[owner]
+        return out
+
+    def stats(self, j, key):
+        return [st[key] for (o, _, _), st in zip(self.cuts, self.piece_state) if o == j]
+
+
+def _close_floor(a, b, tol, floor, what):
+    """As _close, relative to at least ``floor``: a state buffer is compared relative to its largest magnitude
+    in the whole group (as in one flat partition), since a momentum that cancels to a small value in a tiny
+    tensor keeps the absolute rounding of the terms it was summed from."""
+    if a.numel() == 0:
+        return
+    a, b = a.double(), b.double()
+    scale = max(a.abs().max().item(), floor, 1e-30)
+    err = (a - b).abs().max().item()
+    assert err <= tol * scale, f"{what}: max |diff| {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+def _check_split(ref_p, ref_s, pc, keys, tol=TOL32):
+    for j, a in enumerate(ref_p):
+        _close(a.reshape(-1), pc.flat[j], tol, f"param {j} {tuple(a.shape)}")
+        for key in keys:
+            if ref_s[j][key] is not None:
+                floor = max(s[key].abs().max().item() for s in ref_s if s[key].numel())
+                _close_floor(ref_s[j][key].reshape(-1), pc.state[j][key].reshape(-1), tol, floor, f"{key} {j}")
+        for key in ("tr", "wn", "un"):
+            for got in pc.stats(j, key):  # every piece reports its parameter's full statistics
+                _close(ref_s[j][key], got, tol, f"{key} {j}")
+        for step in pc.stats(j, "step"):
+            assert step.item() == ref_s[j]["step"].item()
+
+
+SPLIT_LAMB_VARIANTS = {
+    "paper": {},
+    "bias_lr": dict(bias_correction="lr"),
+    "bias_none": dict(bias_correction="none"),
+    "l2": dict(weight_decay_mode="l2"),
+    "decoupled": dict(weight_decay_mode="decoupled", weight_decay=0.1),
+    "no_grad_averaging": dict(grad_averaging=False),
+    "maximize": dict(maximize=True),
+    "nvlamb_divisor": dict(grad_divisor=torch.tensor(3.7)),
+    "clamped": dict(min_trust_ratio=0.5, max_trust_ratio=1.2),
+    "lambc": dict(max_trust_ratio=1.0),
+    "phi_bounds": dict(weight_norm_bounds=(0.5, 3.0)),
+    "no_adapt": dict(adapt=False),
+    "check_finite": dict(check_finite=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(SPLIT_LAMB_VARIANTS))
+def test_lamb_split_pieces_match_reference_whole(variant):
+    kw = {**LAMB_KW, **SPLIT_LAMB_VARIANTS[variant]}
+    params = _params(shapes=SPLIT_SHAPES)
+    ref_p = [p.clone() for p in params]
+    ref_s = _state(ref_p)
+    pc = _Pieces(params)
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        _lamb_call(_single_tensor_lamb, ref_p, grads, ref_s, **{k: v for k, v in kw.items() if k != "check_finite"})
+        _lamb_call(_fused_lamb, pc.pieces, pc.grads(grads), pc.piece_state, **kw, norm_reduce=pc.norm_reduce)
+    assert pc.reduce_calls == STEPS  # one reduction a step (one all-reduce under ZeRO)
+    _check_split(ref_p, ref_s, pc, ("m", "v"))
+
+
+def test_lamb_split_bf16_with_masters():
+    params = _params(torch.bfloat16, shapes=SPLIT_SHAPES)
+    ref_p = [p.clone() for p in params]
+    ref_s = _state(ref_p, masters=True)
+    pc = _Pieces(params, masters=True)
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        _lamb_call(_single_tensor_lamb, ref_p, grads, ref_s, **LAMB_KW)
+        _lamb_call(_fused_lamb, pc.pieces, pc.grads(grads), pc.piece_state, **LAMB_KW, norm_reduce=pc.norm_reduce)
+    for j in range(len(params)):
+        _close(ref_s[j]["master"].reshape(-1), pc.state[j]["master"], TOL32, f"master {j}")
+        assert torch.equal(pc.flat[j], pc.state[j]["master"].to(torch.bfloat16))
+
+
+SPLIT_LARS_VARIANTS = {
+    "mlperf": {},
+    "norm": dict(denominator="norm"),
+    "nesterov": dict(nesterov=True),
+    "norm_nesterov": dict(denominator="norm", nesterov=True),
+    "larc_clip": dict(trust_clip=True, lr=0.01),
+    "eps": dict(eps=1e-8),
+    "no_adapt": dict(adapt=False),
+    "maximize": dict(maximize=True),
+    "check_finite": dict(check_finite=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(SPLIT_LARS_VARIANTS))
+def test_lars_split_pieces_match_reference_whole(variant):
+    kw = {**LARS_KW, **SPLIT_LARS_VARIANTS[variant]}
+    params = _params(shapes=SPLIT_SHAPES)
+    ref_p = [p.clone() for p in params]
+    ref_s = _state(ref_p)
+    pc = _Pieces(params)
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        _lars_call(_single_tensor_lars, ref_p, grads, ref_s, **{k: v for k, v in kw.items() if k != "check_finite"})
+        _lars_call(_fused_lars, pc.pieces, pc.grads(grads), pc.piece_state, **kw, norm_reduce=pc.norm_reduce)
+    assert pc.reduce_calls == STEPS
+    _check_split(ref_p, ref_s, pc, ("m",))
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_split_skips_write_nothing_and_still_reduce(algo):
+    """A skipped step changes nothing on any piece, and norm_reduce still runs (it is a collective)."""
+    params = _params(shapes=[(7,), (18011,), (0,)])
+    pc = _Pieces(params)
+    fn, call, kw = (_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (_fused_lars, _lars_call, LARS_KW)
+    call(fn, pc.pieces, pc.grads(_grads(params, 0)), pc.piece_state, **kw, norm_reduce=pc.norm_reduce)
+    before = copy.deepcopy((pc.flat, pc.state, pc.piece_state))
+
+    def unchanged(what):
+        for a, b in zip(before[0], pc.flat):
+            assert torch.equal(a, b), what
+        for s0, s1 in zip(before[1] + before[2], pc.state + pc.piece_state):
+            for k in ("m", "v", "step", "tr", "wn", "un"):
+                assert torch.equal(s0[k], s1[k]), f"{what}: state {k} changed"
+
+    calls = pc.reduce_calls
+    bad = _grads(params, 1)
+    bad[1][100] = float("nan")  # one piece on one "rank" sees it: every piece of the step must skip
+    call(fn, pc.pieces, pc.grads(bad), pc.piece_state, **kw, check_finite=True, norm_reduce=pc.norm_reduce)
+    unchanged("NaN gradient with check_finite")
+    bad[1][100] = float("inf")
+    call(fn, pc.pieces, pc.grads(bad), pc.piece_state, **kw, check_finite=True, norm_reduce=pc.norm_reduce)
+    unchanged("inf gradient with check_finite")
+    call(fn, pc.pieces, pc.grads(_grads(params, 1)), pc.piece_state, **kw, found_inf=torch.tensor(1.0),
+         norm_reduce=pc.norm_reduce)
+    unchanged("found_inf")
+    call(fn, pc.pieces, pc.grads(_grads(params, 1)), pc.piece_state, **kw, grad_scale=torch.tensor(float("inf")),
+         norm_reduce=pc.norm_reduce)
+    unchanged("non-finite grad_scale")
+    if algo == "lamb":
+        call(fn, pc.pieces, pc.grads(_grads(params, 1)), pc.piece_state,
+             **{**kw, "grad_divisor": torch.tensor(float("nan"))}, norm_reduce=pc.norm_reduce)
+        unchanged("non-finite NVLAMB divisor")
+    assert pc.reduce_calls == calls + (5 if algo == "lamb" else 4)
+    call(fn, pc.pieces, pc.grads(_grads(params, 1)), pc.piece_state, **kw, check_finite=True,
+         found_inf=torch.tensor(0.0), norm_reduce=pc.norm_reduce)
+    assert all(st["step"].item() == 2 for st in pc.piece_state), "a finite step must apply"
+    assert not torch.equal(before[0][1], pc.flat[1])
+
+
+def test_split_grad_scale_unscales():
+    params = _params(shapes=[(7,), (18011,)])
+    a, b = _Pieces(params), _Pieces(params)
+    for step in range(2):
+        g = _grads(params, step)
+        _lamb_call(_fused_lamb, a.pieces, a.grads(g), a.piece_state, **LAMB_KW, norm_reduce=a.norm_reduce)
+        _lamb_call(_fused_lamb, b.pieces, b.grads([x * 1024.0 for x in g]), b.piece_state, **LAMB_KW,
+                   grad_scale=torch.tensor(1024.0), norm_reduce=b.norm_reduce)
+    for x, y in zip(a.flat, b.flat):
+        assert torch.equal(x, y)  # scaling by a power of two is exact
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_split_pieces_match_one_call_fused_step_on_whole_tensors(algo):
+    """Pieces + norm_reduce against the one-call fused step on the whole tensors: the same per-element math,
+    only the norms' double sums are added in another order, so a ratio moves by an ulp at most."""
+    fn, call, kw, keys = ((_fused_lamb, _lamb_call, LAMB_KW, ("m", "v")) if algo == "lamb"
+                          else (_fused_lars, _lars_call, {**LARS_KW, "trust_clip": True, "lr": 0.01}, ("m",)))
+    params = _params(shapes=SPLIT_SHAPES)
+    one = [p.clone() for p in params]
+    one_s = _state(one)
+    pc = _Pieces(params)
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        call(fn, one, grads, one_s, **kw)
+        call(fn, pc.pieces, pc.grads(grads), pc.piece_state, **kw, norm_reduce=pc.norm_reduce)
+    _check_split(one, one_s, pc, keys, tol=2 * STEPS * EPS32)
+
+
+def test_split_without_reduction_equals_one_call_step_on_whole_tensors():
+    """Whole tensors with an identity norm_reduce: the split ops compute exactly the one-call step."""
+    params = _params(shapes=SPLIT_SHAPES)
+    p1, p2 = [p.clone() for p in params], [p.clone() for p in params]
+    s1, s2 = _state(p1), _state(p2)
+    for step in range(2):
+        g = _grads(params, step)
+        _lamb_call(_fused_lamb, p1, g, s1, **LAMB_KW)
+        _lamb_call(_fused_lamb, p2, g, s2, **LAMB_KW, norm_reduce=lambda sq: sq)
+    for x, y in zip(p1 + [s["un"] for s in s1], p2 + [s["un"] for s in s2]):
+        assert torch.equal(x, y)
+
+
+def test_split_norm_reduce_must_keep_the_layout():
+    params = _params(shapes=[(7,), (9,)])
+    st = _state(params)
+    with pytest.raises(RuntimeError, match="norm_reduce must return"):
+        _lamb_call(_fused_lamb, params, _grads(params, 0), st, **LAMB_KW, norm_reduce=lambda sq: sq[:2])
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (dict(), "fused"), (dict(fused=True), "fused"), (dict(fused=False), "foreach"), (dict(foreach=True), "foreach"),
+])
+def test_partitioned_groups_choose_the_fused_cpu_kernel(flags, expect):
+    """Under lamb.deepspeed.attach (ZeRO): CPU fp32 pieces take the fused split step unless foreach is asked for."""
+    import lamb
+
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = lamb.Lamb([p], **flags)
+    pieces = [p.detach()[:4], p.detach()[4:]]
+    assert opt._partitioned_backend(opt.param_groups[0], pieces) == expect
+    assert opt._partitioned_backend(opt.param_groups[0], [x.double() for x in pieces]) == "foreach"

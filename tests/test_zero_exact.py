@@ -4,7 +4,8 @@ Each launch runs ``tests/zero_worker.py`` on 1, 2 or 4 ranks; every case there t
 3-layer MLP on the same global batch of 8, and rank 0 compares with plain PyTorch on the whole batch:
 parameters, the optimizer state mapped back to per-parameter tensors (``lamb.deepspeed.gather_state``)
 and the trust statistics (``trust_stats()``), as ``max ||a - b|| / ||b||`` over tensors. Checkpoints
-saved at 2 ranks after 5 steps resume at 1 and 4 ranks for the other 5.
+saved at 2 ranks after 5 steps resume at 1 and 4 ranks for the other 5. The ``fused`` cases run ZeRO-Offload
+with ``fused=True``: the fused CPU kernel's split step on the offloaded partitions (the worker counts its calls).
 
 Three launches in all (about 70 s on two cores); the first one ever also builds DeepSpeed's small
 shared-memory op (~50 s, cached in TORCH_EXTENSIONS_DIR).
@@ -31,11 +32,20 @@ TOL = 1e-6
 
 EXACT_2 = ["lamb:0", "lamb:1", "lamb:2", "lamb:1:offload", "lamb:2:offload", "lamb:2:clip", "lamb:1:align",
            "lamb:2:rr", "lars:0", "lars:1", "lars:2", "lars:1:offload", "lars:2:offload"]
+# ZeRO-Offload with fused=True: the fused CPU kernel's split step (norm_reduce) on the offloaded partitions,
+# against one process with the fused kernel on whole tensors.
+FUSED_OFFLOAD_2 = ["lamb:2:offload:fused", "lars:2:offload:fused"]
 EXACT_4 = ["lamb:0", "lamb:1", "lamb:2", "lamb:2:offload", "lars:1", "lars:2:offload"]
 # Checkpoints: saved by the 2-rank launch after 5 steps (name -> case), resumed by cases "<case>:load=<name>".
 SAVES = {"l1": "lamb:1", "r2": "lars:2", "lo": "lamb:2:offload"}
 LOADS = ["lamb:1:load=l1", "lamb:2:load=l1", "lars:2:load=r2", "lamb:2:offload:load=lo"]
 NOATTACH = {2: ["lamb:1:noattach", "lars:1:noattach"], 4: ["lamb:1:noattach"]}
+
+
+def _fused_cpu_ok() -> tuple[bool, str]:
+    from lamb import ops
+
+    return ops.cpu_status()
 
 
 def _free_port() -> int:
@@ -64,7 +74,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
     saves = [f"{spec}:steps=5:save={tmp / name}" for name, spec in SAVES.items()]
     loads = {case: f"{case.split(':load=')[0]}:steps=5:load={tmp / case.split(':load=')[1]}" for case in LOADS}
-    results = {2: _launch(2, EXACT_2 + NOATTACH[2] + ["lamb:3"] + saves, tmp / "r2.json")}
+    fused = FUSED_OFFLOAD_2 if _fused_cpu_ok()[0] else []
+    results = {2: _launch(2, EXACT_2 + fused + NOATTACH[2] + ["lamb:3"] + saves, tmp / "r2.json")}
     results[1] = _launch(1, list(loads.values()), tmp / "r1.json")
     results[4] = _launch(4, EXACT_4 + NOATTACH[4] + list(loads.values()), tmp / "r4.json")
     for world in (1, 4):
@@ -83,6 +94,19 @@ def _check(result: dict) -> None:
 @pytest.mark.parametrize("case", EXACT_2)
 def test_two_ranks_equal_one_process(runs, case):
     _check(runs[2][case])
+
+
+@pytest.mark.parametrize("case", FUSED_OFFLOAD_2)
+def test_zero_offload_runs_the_fused_cpu_kernel_exactly(runs, case):
+    ok, why = _fused_cpu_ok()
+    if not ok:
+        pytest.skip(f"fused CPU kernel unavailable: {why}")
+    result = runs[2][case]
+    _check(result)
+    # 10 steps x 2 param groups, each one fused split step (pass A, all-reduce, pass B) on rank 0
+    assert result["fused_split_calls"] == 20, f"the fused kernel ran {result['fused_split_calls']} times, not 20"
+    # the foreach twin of the same case agrees too (both equal one process)
+    _check(runs[2][case.replace(":fused", "")])
 
 
 @pytest.mark.parametrize("case", EXACT_4)

@@ -13,7 +13,9 @@ case, the largest relative difference ``||a - b|| / ||b||`` over the parameters,
 A case is ``optimizer:stage[:flag...]`` with flags ``offload`` (ZeRO-Offload to CPU), ``noattach`` (no
 ``lamb.deepspeed.attach``: the per-partition behaviour), ``clip`` (Lamb's ``max_grad_norm``), ``align``
 (``zero_optimization.parameter_alignment``), ``rr`` (``round_robin_gradients``, stage 2),
-``steps=N`` (instead of ``--steps``), ``save=DIR`` (save a checkpoint at the end, with the optimizer's
+``fused`` (``fused=True`` instead of ``foreach=True``, in the ZeRO run and the reference: ZeRO's CPU fp32
+partitions then take the fused CPU kernel's split step; the result reports ``fused_split_calls``, how many
+optimizer calls on rank 0 ran it), ``steps=N`` (instead of ``--steps``), ``save=DIR`` (save a checkpoint at the end, with the optimizer's
 ``lamb.deepspeed.consolidated_state_dict``), ``load=DIR`` (resume from one, at any world size; the steps
 continue from the checkpoint's step).
 """
@@ -43,11 +45,33 @@ def make_model() -> nn.Module:
                          nn.Linear(11, 3))
 
 
-def make_optimizer(kind: str, model: nn.Module, clip: bool):
+def make_optimizer(kind: str, model: nn.Module, clip: bool, fused: bool = False):
     groups = lamb.param_groups(model, weight_decay=0.01, preset="bert")
+    backend = {"fused": True} if fused else {"foreach": True}
     if kind == "lamb":
-        return lamb.Lamb(groups, lr=2e-2, max_grad_norm=0.05 if clip else None, foreach=True)
-    return lamb.Lars(groups, lr=0.5, momentum=0.9, trust_coefficient=0.02, foreach=True)
+        return lamb.Lamb(groups, lr=2e-2, max_grad_norm=0.05 if clip else None, **backend)
+    return lamb.Lars(groups, lr=0.5, momentum=0.9, trust_coefficient=0.02, **backend)
+
+
+FUSED_SPLIT_CALLS = [0]
+
+
+def count_fused_split_calls() -> None:
+    """Wrap the fused backends so that the worker can report that the split (norm_reduce) path ran."""
+    import lamb._fused as fused
+
+    for name in ("_fused_lamb", "_fused_lars"):
+        fn = getattr(fused, name)
+        if getattr(fn, "_counted", False):
+            continue
+
+        def wrapped(*args, _fn=fn, **kwargs):
+            if kwargs.get("norm_reduce") is not None:
+                FUSED_SPLIT_CALLS[0] += 1
+            return _fn(*args, **kwargs)
+
+        wrapped._counted = True
+        setattr(fused, name, wrapped)
 
 
 def batch(step: int):
@@ -59,10 +83,10 @@ def loss_fn(out, y):
     return ((out - y) ** 2).mean()
 
 
-def reference(kind: str, clip: bool, steps: int):
+def reference(kind: str, clip: bool, steps: int, fused: bool = False):
     """Plain PyTorch, one process, the whole global batch: params, per-parameter state, trust stats."""
     model = make_model()
-    opt = make_optimizer(kind, model, clip)
+    opt = make_optimizer(kind, model, clip, fused)
     for t in range(steps):
         x, y = batch(t)
         opt.zero_grad(set_to_none=True)
@@ -88,7 +112,10 @@ def run_case(spec: str, steps: int, rank: int, world: int):
     stage = int(stage)
     opts = {f.split("=")[0]: (f.split("=", 1)[1] if "=" in f else True) for f in flags}
     model = make_model()
-    opt = make_optimizer(kind, model, "clip" in opts)
+    opt = make_optimizer(kind, model, "clip" in opts, "fused" in opts)
+    if "fused" in opts:
+        count_fused_split_calls()
+    FUSED_SPLIT_CALLS[0] = 0
     zero = {"stage": stage, "elastic_checkpoint": True}
     if "offload" in opts:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -149,8 +176,9 @@ def run_case(spec: str, steps: int, rank: int, world: int):
         state, stats = None, None
     if rank != 0:
         return None
-    ref_params, ref_state, ref_stats = reference(kind, "clip" in opts, done)
-    out = {"param": max(rel(params[n], ref_params[n]) for n in ref_params)}
+    split_calls = FUSED_SPLIT_CALLS[0]
+    ref_params, ref_state, ref_stats = reference(kind, "clip" in opts, done, "fused" in opts)
+    out = {"param": max(rel(params[n], ref_params[n]) for n in ref_params), "fused_split_calls": split_calls}
     if state is not None:
         out["state"] = max(rel(state[n][k], ref_state[n][k]) for n in ref_state for k in ref_state[n])
         out["stats"] = max(rel(stats[n], ref_stats[n]) for n in ref_stats)

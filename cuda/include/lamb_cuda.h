@@ -10,6 +10,11 @@
 //   finalize   1 block:    per-tensor sums in chunk order, trust ratio, trust/norm outputs, step += 1;
 //                          with check_finite a non-finite gradient sets the skip flag here
 //   pass B     per dtype combination: the update (skipped when the flag is set)
+//
+// The split step for pieces of parameters (ZeRO partitions; torch.ops.lamb_cuda.*_pass_a_ / *_pass_b_):
+//   op A       prologue, pass A, partial_sq_norms: the pieces' [||w_i||^2 .., ||u_i||^2 ..] (float64)
+//   (caller)   completes them across pieces, e.g. one all-reduce
+//   op B       prologue, *_finalize_full from the complete squared norms, pass B
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -71,5 +76,14 @@ cudaError_t lars_pass_a(const Batch& b, const lamb_math::LarsParams& lp, Scratch
 cudaError_t lars_finalize(int n, const lamb_math::LarsParams& lp, StepScalars sc, bool check_finite, Scratch s,
                           cudaStream_t stream);
 cudaError_t lars_pass_b(const Batch& b, const lamb_math::LarsParams& lp, Scratch s, cudaStream_t stream);
+
+// Split step: out[2n] = per-tensor partial squared norms after pass A (LAMB or LARS); zeros when skipped,
+// a NaN second norm where check_finite finds a non-finite gradient.
+cudaError_t partial_sq_norms(int n, bool check_finite, Scratch s, double* out, cudaStream_t stream);
+// As *_finalize, from complete squared norms full[2n] (a non-finite one skips the step with check_finite).
+cudaError_t lamb_finalize_full(int n, const lamb_math::LambParams& hp, StepScalars sc, bool check_finite,
+                               const double* full, Scratch s, cudaStream_t stream);
+cudaError_t lars_finalize_full(int n, const lamb_math::LarsParams& lp, StepScalars sc, bool check_finite,
+                               const double* full, Scratch s, cudaStream_t stream);
 
 }  // namespace lamb_cuda

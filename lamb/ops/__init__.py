@@ -7,7 +7,9 @@ sources, the flags and the torch version, so a stale build is never loaded. ``LA
 --no-build-isolation .`` builds them ahead of time into the package instead (``setup.py``).
 
 The kernels register torch ops, not Python modules: ``torch.ops.lamb_cpu.lamb_step_`` / ``lars_step_`` and
-``torch.ops.lamb_cuda.lamb_step_`` / ``lars_step_``.
+``torch.ops.lamb_cuda.lamb_step_`` / ``lars_step_``, and on both the split step for pieces of parameters
+(ZeRO partitions, ``norm_reduce`` in ``lamb._fused``): ``lamb_pass_a_`` / ``lamb_pass_b_`` and
+``lars_pass_a_`` / ``lars_pass_b_``.
 
 Sources are the repository's ``cuda/`` folder (editable install) or the copy shipped as package data in
 ``lamb/ops/csrc`` (normal install).
