@@ -120,6 +120,10 @@ def _prebuilt(kind: str) -> str | None:
 def _cached(kind: str) -> str | None:
     name = _ext_name(kind)
     so = _build_root() / name / f"{name}.so"
+    # While another process builds, torch.utils.cpp_extension holds a "lock" file in the build directory
+    # and the .so may be half written: then go through _jit, which waits for that lock.
+    if (so.parent / "lock").exists():
+        return None
     return str(so) if so.is_file() else None
 
 

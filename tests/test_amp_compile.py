@@ -1,0 +1,185 @@
+"""Mixed precision (GradScaler skip, bf16 master weights) and torch.compile (no graph breaks, no host
+sync: a full graph equals eager)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lamb import Lamb, Lars
+from reference import RefLamb, RefLars, assert_snapshots_equal, fp32_tolerance, snapshot
+
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+
+OPTS = {
+    "lamb": (Lamb, RefLamb, dict(lr=0.01, weight_decay=0.01, max_grad_norm=1.0)),
+    "lars": (Lars, RefLars, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)),
+}
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# GradScaler
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", OPTS)
+def test_grad_scaler_skips_step_on_inf_nan(name, bad):
+    cls, ref_cls, kw = OPTS[name]
+    model = _model()
+    opt = cls(model.parameters(), **kw)
+    ref = ref_cls.from_params(list(model.parameters()), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+
+    def backward():
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+
+    # a normal step: the reference gets the unscaled gradients (the scale is a power of 2: exact)
+    backward()
+    grads = [p.grad.double() / 2.0**10 for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    ref.step([grads])
+    tol = fp32_tolerance(1, 64)
+    for p, r in zip(model.parameters(), ref.params):
+        torch.testing.assert_close(p.detach().double(), r, rtol=tol, atol=tol)
+    # an overflowing step: skipped, params and every state tensor untouched, scale backed off
+    before = snapshot(opt)
+    backward()
+    next(model.parameters()).grad.view(-1)[0] = bad
+    scaler.step(opt)
+    scaler.update()
+    assert_snapshots_equal(before, snapshot(opt))
+    assert scaler.get_scale() == 2.0**9
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 parameters with fp32 master weights
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", OPTS)
+def test_bf16_master_weights_follow_fp32_reference(name, foreach):
+    cls, ref_cls, kw = OPTS[name]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).bfloat16().requires_grad_() for s in ((257,), (16, 9), (1,))]
+    opt = cls(params, master_weights=True, foreach=foreach, **kw)
+    ref = ref_cls.from_params(params, **kw)  # float64 copy of the bf16 init (exact)
+    steps = 6
+    for step in range(1, steps + 1):
+        grads = [torch.randn(p.shape, generator=gen).bfloat16() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([grads])
+        tol = fp32_tolerance(step, 257)
+        for p, r in zip(params, ref.params):
+            st = opt.state[p]
+            master = st["master_param"]
+            assert master.dtype == torch.float32
+            moment = st["exp_avg"] if name == "lamb" else st["momentum_buffer"]
+            assert moment.dtype == torch.float32
+            # the master follows the reference to fp32 accuracy ...
+            torch.testing.assert_close(master.double(), r, rtol=tol, atol=tol * float(r.abs().max()))
+            # ... and the bf16 parameter is the master rounded to bf16
+            assert torch.equal(p.detach(), master.bfloat16())
+            torch.testing.assert_close(p.detach().double(), r, rtol=BF16_EPS, atol=tol)
+    # state_dict keeps the masters (and moments) in fp32 and restores them in fp32
+    sd = opt.state_dict()
+    for s in sd["state"].values():
+        assert s["master_param"].dtype == torch.float32
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = cls(params2, master_weights=True, foreach=foreach, **kw)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p, q in zip(params, params2):
+        for key, v in opt.state[p].items():
+            assert opt2.state[q][key].dtype == v.dtype, key
+            assert torch.equal(opt2.state[q][key], v), key
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=gen).bfloat16() for p in params]
+        for ps in (params, params2):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        opt.step()
+        opt2.step()
+    assert_snapshots_equal(snapshot(opt), snapshot(opt2))
+
+
+def test_bf16_without_master_weights_keeps_bf16_state_math_in_fp32():
+    """No master copy: the parameter and its state stay bf16-typed or fp32 as the package documents,
+    and the step still moves the parameter in the reference's direction."""
+    p = torch.randn(64, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
+    opt = Lamb([p], lr=0.05, weight_decay=0.01)
+    ref = RefLamb.from_params([p], lr=0.05, weight_decay=0.01)
+    g = torch.randn(64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    p.grad = g.clone()
+    opt.step()
+    ref.step([[g]])
+    assert "master_param" not in opt.state[p]
+    assert p.dtype == torch.bfloat16
+    torch.testing.assert_close(p.detach().double(), ref.params[0], rtol=2 * BF16_EPS, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile: the whole step is one graph (no graph break, no host sync) and equals eager
+# --------------------------------------------------------------------------------------------------
+
+COMPILE_OPTS = {
+    # NVLAMB/DeepSpeed switches that need a global norm and clamps: any .item() would break the graph
+    "lamb": (Lamb, dict(lr=0.01, weight_decay=0.01, max_grad_norm=1.0, min_trust_ratio=0.01, max_trust_ratio=0.5, foreach=True)),
+    "lars": (Lars, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, nesterov=True, foreach=True)),
+}
+
+
+@pytest.mark.parametrize("name", COMPILE_OPTS)
+def test_compiled_step_full_graph_equals_eager(name):
+    torch._dynamo.reset()
+    cls, kw = COMPILE_OPTS[name]
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((33,), (5, 7), (1,))
+    eager_p = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
+    eager, comp = cls(eager_p, **kw), cls(comp_p, **kw)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def compiled_step():
+        comp.step()
+
+    steps = 3
+    for step in range(1, steps + 1):
+        grads = [torch.randn(p.shape, generator=gen) for p in eager_p]
+        for ps in (eager_p, comp_p):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        eager.step()
+        compiled_step()  # fullgraph=True: a graph break (e.g. a .item() host sync) raises here
+        tol = fp32_tolerance(step, 64)
+        for p, q in zip(eager_p, comp_p):
+            torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+        for p, q in zip(eager_p, comp_p):
+            for key, v in eager.state[p].items():
+                torch.testing.assert_close(comp.state[q][key], v, rtol=tol, atol=tol, msg=key)
+
+
+def test_explain_reports_no_graph_break():
+    torch._dynamo.reset()
+    p = torch.randn(10).requires_grad_()
+    opt = Lamb([p], lr=0.01, weight_decay=0.01, max_grad_norm=1.0, foreach=False)
+    p.grad = torch.randn(10)
+    opt.step()  # state exists: explain sees the steady-state step
+    explanation = torch._dynamo.explain(opt.step)()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
