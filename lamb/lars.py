@@ -293,7 +293,6 @@ def _multi_tensor_lars(
     chunks = _chunks.by_numel(ws)
     if norm_reduce is None:
         for idx in chunks:
-            w = [ws[i] for i in idx]
             torch._foreach_add_([state_steps[i] for i in idx], 1)
             d, w_norm, g_norm = _foreach_direction(idx, ws, grads, weight_decay=weight_decay, maximize=maximize,
                                                    denominator=denominator)

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from tests.test_fused_cpu import (  # noqa: E402
-    LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, SHAPES, STEPS, TOL32, _close, _grads, _lamb_call, _lars_call,
+    LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, STEPS, TOL32, _close, _grads, _lamb_call, _lars_call,
     _params, _state,
 )
 

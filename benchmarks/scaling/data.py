@@ -16,7 +16,6 @@ training data and only ever used to pick learning rates; test numbers are report
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -58,19 +57,10 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------- images
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not): magic (2 zero bytes, dtype code 0x08 = uint8, ndim), big-endian dims."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not a uint8 IDX file (magic {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: {data.size} bytes of data for dims {dims}")
-    return data.reshape(dims)
+    """Read an IDX file (gzipped or not) with the trainers' reader, the one place that parses the format."""
+    from trainers.data_image import read_idx as _read_idx
+
+    return _read_idx(str(path))
 
 
 def _find_fmnist_file(root: Path, stem: str) -> Path:

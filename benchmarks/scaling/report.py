@@ -17,7 +17,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from .protocol import OPTIMIZERS, RULE_NAME, TaskConfig, plan, seeds_at, grid_lr, warmup_fraction
+from .protocol import RULE_NAME, TaskConfig, plan, seeds_at, grid_lr, warmup_fraction
 
 LABEL = {"lamb": "LAMB", "lars": "LARS", "adamw": "AdamW", "sgd": "SGD+momentum"}
 COLOR = {"lamb": "tab:red", "lars": "tab:purple", "adamw": "tab:blue", "sgd": "tab:green"}
