@@ -104,7 +104,10 @@ def assert_equal(a: dict, b: dict):
     ({"batch": {"global_batch": "16"}}, "batch.global_batch: expected int"),
     ({"optimizer": {"lr": -1.0}}, "optimizer.lr: must be > 0"),
     ({"batch": {"global_batch": 20}}, "batch.global_batch: 20 is not divisible by micro_batch x world_size"),
-    ({"deepspeed": {"zero_stage": 2}}, "deepspeed.zero_stage: LAMB computes a per-layer trust ratio"),
+    ({"deepspeed": {"zero_stage": 3}}, "deepspeed.zero_stage: LAMB computes a per-layer trust ratio over whole tensors; ZeRO-3 shards each tensor"),
+    ({"train": {"grad_clip": 1.0}, "optimizer": {"name": "lamb", "lr": 0.01, "options": {"max_grad_norm": 1.0}}},
+     "train.grad_clip / optimizer.options.max_grad_norm: both set"),
+    ({"deepspeed": {"offload_optimizer": True}}, "deepspeed.offload_optimizer: needs deepspeed.zero_stage 1 or 2"),
     ({"optimizer": {"name": "lion"}}, "optimizer.name: 'lion' is not one of"),
     ({"model": {"type": "bert_mlm", "preset": "resnet50"}}, "model.preset"),
 ])
@@ -236,3 +239,39 @@ def test_resnet_lars_on_idx(tmp_path):
     m = metrics(tmp_path / "o")
     assert len(m) == 3 and all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in m)
     assert m[-1]["trust_ratio_max"] > 0
+
+
+# ------------------------------------------------------------------------------------------ BERT phase 2
+def test_phase2_init_from_keeps_weights_and_moments_restarts_step_and_schedule(tmp_path):
+    # NVIDIA's phase 2: "resets the step counter and lr, but keeps the phase-1 Adam moments"; another seq_len
+    from lamb.schedules import poly_warmup
+
+    one, out1 = bert_recipe(tmp_path, "phase1", batch={"micro_batch": 16, "world_size": 1},
+                            train={"max_steps": 3, "output_dir": str(tmp_path / "p1")})
+    two, out2 = bert_recipe(tmp_path, "phase2", data={"seq_len": 48, "max_predictions_per_seq": 8},
+                            optimizer={"lr": 0.005}, schedule={"name": "poly_warmup", "warmup_proportion": 0.5},
+                            batch={"global_batch": 8, "micro_batch": 8, "world_size": 1},
+                            train={"max_steps": 4, "init_from": str(out1), "output_dir": str(tmp_path / "p2")})
+    run(["train", str(one)], tmp_path)
+    p = run(["train", str(two), "--stop-at-step", "0"], tmp_path)  # checkpoint the initial state
+    assert "initialised from" in p.stdout and "step_00000003" in p.stdout
+    src = torch.load(out1 / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    new = torch.load(out2 / "checkpoints" / "step_00000000" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert_equal(new["module"], src["module"])  # phase 2 starts from phase 1's final weights
+    for g_new, g_src in zip(new["optimizer"]["param_groups"], src["optimizer"]["param_groups"]):
+        assert g_new["param_names"] == g_src["param_names"]
+        for i, j in zip(g_new["params"], g_src["params"]):
+            a, b = new["optimizer"]["state"][i], src["optimizer"]["state"][j]
+            assert float(b["step"]) == 3 and float(a["step"]) == 0  # bias correction restarts
+            assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert new["lr_scheduler"]["last_epoch"] == 0
+    meta = json.loads((out2 / "checkpoints" / "step_00000000" / "trainer.json").read_text())
+    assert meta["step"] == 0 and meta["init_from"]["step"] == 3
+
+    p = run(["train", str(two)], tmp_path)  # its own checkpoint now wins over init_from
+    assert "resumed from" in p.stdout and "initialised from" not in p.stdout
+    m = metrics(out2)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert [r["lr"] for r in m] == pytest.approx([0.005 * poly_warmup(t, 4, 0.5) for t in range(4)])
+    end = torch.load(out2 / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert {float(s["step"]) for s in end["optimizer"]["state"].values()} == {4.0}

@@ -4,6 +4,8 @@
     deepspeed --num_gpus N --module trainers train RECIPE.yaml      (--num_accelerators N on CPU)
     torchrun --nproc_per_node N -m trainers train RECIPE.yaml
     python -m trainers check RECIPE.yaml                            (validate + one-step dry run on CPU)
+    python -m trainers prepare RECIPE.yaml                          (tokenise text into the shard cache /
+                                                                     check an image folder layout)
 """
 
 from .recipe import RecipeError, load_recipe

@@ -4,7 +4,7 @@ Layout under ``<output_dir>/checkpoints``::
 
     latest                  the tag of the newest complete checkpoint (written atomically)
     step_00000040/          one checkpoint: DeepSpeed's files (model, optimizer, lr scheduler),
-        trainer.json        step, samples seen, world size, the recipe, the W&B run id
+        trainer.json        step, samples seen, world size, ZeRO stage, the recipe, the W&B run id
         rng_rank{r}.pt      each rank's torch / numpy / python RNG states
         manifest.json       size and sha256 of every file above (written last)
     .tmp/                   where a checkpoint is written before ``os.replace`` moves it in place
@@ -12,6 +12,16 @@ Layout under ``<output_dir>/checkpoints``::
 A checkpoint without a manifest, with a missing file or a checksum mismatch is refused, naming the
 checkpoint and the file. Old checkpoints are pruned to the last ``keep``.
 The output directory must be shared by all ranks (as DeepSpeed's own checkpoints assume).
+
+World size and ZeRO: at the checkpoint's own world size and stage DeepSpeed restores everything itself
+(bit-exact). Under ZeRO-1/2 with LAMB/LARS the client state also holds
+``lamb.deepspeed.consolidated_state_dict`` (key ``"lamb"``: every parameter's fp32 value, step and moments
+by name), so a run can resume at another world size or stage: DeepSpeed then loads the model and the lr
+scheduler only (``load_optimizer_states=False``; 0.19.8 cannot re-partition a client optimizer) and the
+optimizer state comes from that copy. A stage-0 checkpoint holds the whole optimizer state anyway.
+
+:func:`read_named_state` reads a checkpoint's weights and per-parameter optimizer state by name, whatever
+the world size and stage it was written with; ``train.init_from`` (BERT phase 2) starts from it.
 """
 
 from __future__ import annotations
@@ -94,14 +104,14 @@ class Checkpointer:
         return f"step_{step:08d}"
 
     # ---------------------------------------------------------------- save
-    def save(self, engine, step: int, trainer_state: dict):
+    def save(self, engine, step: int, trainer_state: dict, client_state: dict | None = None):
         tag = self.tag(step)
         if self.rank == 0:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
         self.barrier()
-        engine.save_checkpoint(str(self.tmp), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(self.tmp), tag=tag, save_latest=False, client_state=client_state or {})
         work = self.tmp / tag
         work.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), work / f"rng_rank{self.rank}.pt")
@@ -178,15 +188,127 @@ class Checkpointer:
             raise CheckpointError(result[1])
         return result[1]
 
-    def load(self, engine, tag: str) -> dict:
-        path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+    def load(self, engine, tag: str, optimizer=None, world_size: int = 1, zero_stage: int = 0) -> dict:
+        """Resume ``engine`` (and its client ``optimizer``); returns the checkpoint's ``trainer.json``."""
+        state = json.loads((self.dir / tag / "trainer.json").read_text())
+        saved_world, saved_stage = state.get("world_size", world_size), state.get("zero_stage", 0)
+        native = (saved_world == world_size and saved_stage == zero_stage) or saved_stage == zero_stage == 0
+        path, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=native,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"checkpoint {self.dir / tag}: DeepSpeed could not load it")
-        state = json.loads((self.dir / tag / "trainer.json").read_text())
+        if not native:
+            sd = (client or {}).get("lamb")
+            if sd is None:
+                raise CheckpointError(
+                    f"checkpoint {self.dir / tag} was written at world size {saved_world}, ZeRO stage {saved_stage} "
+                    f"without a consolidated optimizer state; it resumes only at that world size and stage "
+                    f"(this run: {world_size}, stage {zero_stage})")
+            load_named_state(optimizer, sd["state"], reset_step=False, group_steps=sd.get("group_steps"))
+            # the optimizer's param groups (and their lr) were not loaded: take the lr from the restored schedule
+            sched = getattr(engine, "lr_scheduler", None)
+            if sched is not None:
+                for g, lr in zip(optimizer.param_groups, sched.get_last_lr()):
+                    g["lr"] = lr
+            if self.rank == 0:
+                print(f"note: checkpoint from world size {saved_world} (ZeRO {saved_stage}) resumed at world size "
+                      f"{world_size} (ZeRO {zero_stage}) from its consolidated optimizer state", flush=True)
         rng = self.dir / tag / f"rng_rank{self.rank}.pt"
         if rng.exists():
             set_rng_state(torch.load(rng, weights_only=True))
         else:
             warnings.warn(f"{rng} missing (the world size changed?); RNG states not restored on this rank")
         return state
+
+
+# ---------------------------------------------------------------------------------------------- by name
+_NOT_MOMENTS = {"step", "param", "trust_ratio", "weight_norm", "update_norm", "master_param"}
+
+
+def read_named_state(ckpt: Path) -> tuple[dict, dict]:
+    """``(weights, state)`` of one checkpoint folder, by parameter name, on the CPU.
+
+    ``weights``: the module's state dict. ``state``: ``{name: {"step", moment buffers..., ["param"]}}`` from
+    the consolidated ZeRO copy (client key ``"lamb"``) or, for stage 0, DeepSpeed's copy of the optimizer's
+    ``state_dict()`` mapped through the param groups' ``param_names``.
+    """
+    f = Path(ckpt) / "mp_rank_00_model_states.pt"
+    if not f.exists():
+        raise CheckpointError(f"checkpoint {ckpt}: no {f.name}")
+    # our own checkpoint (verified by its manifest); DeepSpeed's file holds non-tensor objects
+    sd = torch.load(f, map_location="cpu", weights_only=False)
+    weights = sd["module"]
+    if sd.get("lamb") is not None:
+        return weights, sd["lamb"]["state"]
+    opt = sd.get("optimizer")
+    if not opt or "state" not in opt:
+        raise CheckpointError(f"checkpoint {ckpt}: holds no optimizer state by parameter (a ZeRO checkpoint "
+                              f"written without the consolidated state)")
+    state = {}
+    for gi, g in enumerate(opt["param_groups"]):
+        names = g.get("param_names")
+        if names is None or len(names) != len(g["params"]):
+            raise CheckpointError(f"checkpoint {ckpt}: optimizer param group {gi} has no param_names")
+        for name, pid in zip(names, g["params"]):
+            if pid in opt["state"]:
+                state[name] = opt["state"][pid]
+    return weights, state
+
+
+def load_named_state(optimizer, state: dict, *, reset_step: bool, group_steps: list | None = None,
+                     weights: dict | None = None):
+    """Give ``optimizer`` the per-name ``state`` (from :func:`read_named_state`), at any world size or stage.
+
+    ``reset_step``: the step counters start again from 0 (BERT phase 2: Adam's bias correction restarts)
+    while the moments are kept. Under ZeRO (``lamb.deepspeed.attach``-ed) the state is cut into this rank's
+    partitions, fp32 master values included (``param``, else ``weights``).
+    """
+    layout = getattr(optimizer, "_partition_layout", None)
+    if layout is not None:
+        import lamb.deepspeed
+
+        full = {}
+        for g in layout.groups:
+            for name in g.names:
+                src = state.get(name)
+                if src is None:
+                    raise CheckpointError(f"optimizer state for parameter {name!r} missing in the checkpoint")
+                param = src["param"] if "param" in src else (weights or {}).get(name)
+                if param is None:
+                    raise CheckpointError(f"no fp32 value for parameter {name!r} in the checkpoint")
+                st = {"param": param.float(), "step": torch.zeros((), dtype=torch.float32) if reset_step
+                      else torch.as_tensor(src["step"], dtype=torch.float32)}
+                for key in optimizer._moment_keys:
+                    st[key] = src[key].float()
+                full[name] = st
+        steps = [0] * len(optimizer.param_groups) if reset_step or group_steps is None else group_steps
+        lamb.deepspeed.load_consolidated_state_dict(optimizer, {
+            "format": "lamb.deepspeed/1", "optimizer": type(optimizer).__name__, "state": full,
+            "group_steps": steps})
+        return
+    for gi, g in enumerate(optimizer.param_groups):
+        names = g.get("param_names")
+        if names is None:
+            raise CheckpointError(f"optimizer param group {gi} has no param_names; cannot match state by name")
+        for name, p in zip(names, g["params"]):
+            src = state.get(name)
+            if src is None:
+                raise CheckpointError(f"optimizer state for parameter {name!r} missing in the checkpoint")
+            st = optimizer.state[p]
+            st.clear()
+            if hasattr(optimizer, "_init_param_state"):  # lamb.Lamb / lamb.Lars: all keys, then overwrite
+                st = optimizer._init_param_state(g, p)
+            for key, v in src.items():
+                if key in _NOT_MOMENTS or not torch.is_tensor(v):
+                    continue
+                if v.shape != p.shape:
+                    raise CheckpointError(f"optimizer state {key} of {name!r}: shape {tuple(v.shape)} in the "
+                                          f"checkpoint, {tuple(p.shape)} in this model")
+                st[key] = v.to(device=p.device, dtype=torch.float32 if v.is_floating_point() else v.dtype).clone()
+            step = 0 if reset_step else src.get("step", 0)
+            st["step"] = torch.as_tensor(step, dtype=torch.float32, device=p.device).clone().reshape(())
+            if "param" in src and not reset_step:  # fp32 value of a ZeRO run (equal to the module's in fp32)
+                with torch.no_grad():
+                    p.copy_(src["param"].view_as(p).to(p.dtype))
+        if "step" in g and group_steps is None:
+            g["step"] = 0 if reset_step else g["step"]

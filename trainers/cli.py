@@ -1,4 +1,4 @@
-"""``python -m trainers {train,check} RECIPE.yaml [key.path=value ...]``."""
+"""``python -m trainers {train,check,prepare} RECIPE.yaml [key.path=value ...]``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="validate a recipe and take one optimizer step on CPU")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
+    pr = sub.add_parser("prepare", help="tokenise a text corpus into the shard cache / check an image folder layout")
+    pr.add_argument("recipe")
+    pr.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
     from .recipe import RecipeError
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from .trainer import check
 
             return check(args.recipe, args.overrides)
+        if args.command == "prepare":
+            from .prepare import prepare
+
+            return prepare(args.recipe, args.overrides)
         from .trainer import train
 
         return train(args.recipe, args.overrides, stop_at_step=args.stop_at_step)

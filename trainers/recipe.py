@@ -120,15 +120,17 @@ SCHEMA: dict[str, Any] = {
         "name": F((str,), _REQUIRED, choices=("lamb", "lars", "adamw", "sgd")),
         "lr": F(_NUM, _REQUIRED, _pos),
         "weight_decay": F(_NUM, 0.0, _nonneg),
-        "param_groups": F((str,), "auto", choices=("auto", "bert", "mlperf", "none")),
+        "param_groups": F((str,), "auto", choices=("auto", "bert", "mlperf", "bn", "none")),
         "options": F((dict,), {}),
     },
     "schedule": {
         "name": F((str,), "constant", choices=("constant", "poly_warmup", "mlperf_poly", "linear")),
         "warmup_steps": F((int, type(None)), None, _nonneg),
         "warmup_proportion": F(_NUM + (type(None),), None, _frac),
+        "warmup_epochs": F(_NUM + (type(None),), None, _nonneg),  # steps = round(epochs x steps per epoch)
         "power": F(_NUM + (type(None),), None),
         "end_lr": F(_NUM, 1e-4, _nonneg),
+        "decay_steps": F((int, type(None)), None, _pos),  # mlperf_poly only; default train - warmup + 1
     },
     "batch": {
         "global_batch": F((int,), _REQUIRED, _pos),
@@ -142,6 +144,7 @@ SCHEMA: dict[str, Any] = {
         "grad_clip": F(_NUM, 0.0, _nonneg),
         "label_smoothing": F(_NUM, 0.0, _frac),
         "eval_every": F((int,), 0, _nonneg),
+        "eval_every_epochs": F(_NUM + (type(None),), None, _pos),  # steps = round(epochs x steps per epoch)
         "checkpoint_every": F((int,), 0, _nonneg),
         "keep_checkpoints": F((int,), 3, _pos),
         "output_dir": F((str,), _REQUIRED),
@@ -149,9 +152,13 @@ SCHEMA: dict[str, Any] = {
         "nonfinite": F((str,), "stop", choices=("stop", "skip")),
         "log_every": F((int,), 1, _pos),
         "dist_timeout_s": F((int,), 600, _pos),
+        # BERT phase 2: start from the latest checkpoint of another run's output_dir (weights + optimizer
+        # moments; step, lr schedule and data position restart). Ignored once this run has a checkpoint.
+        "init_from": F((str, type(None))),
     },
     "deepspeed": {
         "zero_stage": F((int,), 0, lambda v: None if v in (0, 1, 2, 3) else "must be 0, 1, 2 or 3"),
+        "offload_optimizer": F((bool,), False),  # ZeRO-Offload: optimizer state and step on the CPU
         "config": F((dict,), {}),
     },
     "tracking": {
@@ -161,14 +168,17 @@ SCHEMA: dict[str, Any] = {
         "run_name": F((str, type(None))),
         "trust_ratio_every": F((int,), 10, _nonneg),
         "progress_bar": F((bool,), True),
+        # the published convergence point, e.g. eval/top1 0.759 (MLPerf); its first step is recorded
+        "target_metric": F((str, type(None))),
+        "target_value": F(_NUM + (type(None),), None),
+        "stop_at_target": F((bool,), False),  # MLPerf: the run ends at the first evaluation reaching it
     },
 }
 
-# ZeRO partitions the optimizer state, so a per-layer trust ratio computed on a rank's shard is wrong.
-ZERO_REFUSAL = ("{name} computes a per-layer trust ratio ||w|| / ||update|| over whole tensors; ZeRO stage {stage} "
-                "splits parameters/optimizer state across ranks so each rank would see only a shard and compute a "
-                "different, wrong ratio. Use deepspeed.zero_stage: 0 (data parallel) until LAMB/LARS are exact "
-                "under ZeRO.")
+# ZeRO-1/2 flatten whole tensors into per-rank partitions; lamb.deepspeed.attach recovers each tensor's
+# exact norms there. ZeRO-3 shards every tensor separately, which lamb.deepspeed does not cover.
+ZERO_REFUSAL = ("{name} computes a per-layer trust ratio over whole tensors; ZeRO-3 shards each tensor; "
+                "lamb.deepspeed supports stages 1 and 2 (use deepspeed.zero_stage: 1 or 2)")
 
 
 class Recipe(dict):
@@ -318,13 +328,33 @@ def _cross_checks(r: dict, world_size: int, errors: list[str]):
             errors.append(err)
     if (t["max_steps"] is None) == (t["epochs"] is None):
         errors.append("train.max_steps / train.epochs: give exactly one of them")
-    if s["warmup_steps"] is not None and s["warmup_proportion"] is not None:
-        errors.append("schedule.warmup_steps / schedule.warmup_proportion: give at most one of them")
-    if s["name"] == "mlperf_poly" and s["warmup_steps"] is None and s["warmup_proportion"] is None:
-        errors.append("schedule.warmup_steps: required for mlperf_poly (or give warmup_proportion)")
-    stage = r["deepspeed"]["zero_stage"]
-    if stage > 0 and o["name"] in ("lamb", "lars"):
-        errors.append("deepspeed.zero_stage: " + ZERO_REFUSAL.format(name=o["name"].upper(), stage=stage))
+    warm = [k for k in ("warmup_steps", "warmup_proportion", "warmup_epochs") if s[k] is not None]
+    if len(warm) > 1:
+        errors.append(f"schedule.{' / schedule.'.join(warm)}: give at most one of them")
+    if s["name"] == "mlperf_poly" and not warm:
+        errors.append("schedule.warmup_steps: required for mlperf_poly (or warmup_proportion / warmup_epochs)")
+    if s["decay_steps"] is not None and s["name"] != "mlperf_poly":
+        errors.append(f"schedule.decay_steps: only used by mlperf_poly, not {s['name']!r}")
+    if t["eval_every"] and t["eval_every_epochs"] is not None:
+        errors.append("train.eval_every / train.eval_every_epochs: give at most one of them")
+    tr = r["tracking"]
+    if (tr["target_metric"] is None) != (tr["target_value"] is None):
+        errors.append("tracking.target_metric / tracking.target_value: give both or neither")
+    if tr["stop_at_target"] and tr["target_metric"] is None:
+        errors.append("tracking.stop_at_target: needs tracking.target_metric and tracking.target_value")
+    if t["init_from"] is not None and Path(t["init_from"]).resolve() == Path(t["output_dir"]).resolve():
+        errors.append("train.init_from: is this run's own train.output_dir (a run resumes from its own "
+                      "checkpoints by itself)")
+    ds = r["deepspeed"]
+    stage = ds["zero_stage"]
+    if stage == 3 and o["name"] in ("lamb", "lars"):
+        errors.append("deepspeed.zero_stage: " + ZERO_REFUSAL.format(name=o["name"].upper()))
+    if ds["offload_optimizer"] and stage not in (1, 2):
+        errors.append(f"deepspeed.offload_optimizer: needs deepspeed.zero_stage 1 or 2 (got {stage})")
+    if t["grad_clip"] > 0 and o["options"].get("max_grad_norm") is not None:
+        errors.append(f"train.grad_clip / optimizer.options.max_grad_norm: both set ({t['grad_clip']} and "
+                      f"{o['options']['max_grad_norm']}); each normalises the global gradient norm, together they "
+                      "would do it twice: set one of them (max_grad_norm is NVLAMB's pre-normalisation)")
     if r["model"]["type"] == "resnet":
         fmt = d["format"]
         need = {"idx": ("train_images", "train_labels"), "imagefolder": ("train_dir",), "hf": ("hf_dataset",)}[fmt]

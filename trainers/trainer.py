@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import lamb
+import lamb.deepspeed
+
 from .build import build_optimizer, build_scheduler, deepspeed_config
+from .checkpoint import load_named_state
 from .recipe import batch_arithmetic, load_recipe
 from .tasks import make_task
 
@@ -199,28 +203,61 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
     cache = Path(recipe["data"].get("cache_dir") or out / "cache")
     task.build_data(cache, is_builder=local_rank == 0, barrier=_barrier)
     steps = total_steps(recipe, len(task.train_ds))
+    steps_per_epoch = len(task.train_ds) // b["global_batch"]
     model = task.build_model()
-    optimizer = build_optimizer(recipe, model, task.default_param_groups)
-    guard = StepGuard(optimizer)  # before the scheduler, which wraps optimizer.step
-    scheduler = build_scheduler(recipe, optimizer, steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(recipe, world))
 
     ckpt = Checkpointer(out, rank, t["keep_checkpoints"], _barrier, _broadcast)
     tag = ckpt.latest()
-    start, run_id = 0, None
+    init = None
+    if tag is None and t["init_from"]:  # BERT phase 2: weights and moments of another run, step 0
+        init = _read_init(t["init_from"], rank)
+        _load_weights(model, init["weights"], t["init_from"], recipe.path)
+
+    optimizer = build_optimizer(recipe, model, task.default_param_groups)
+    guard = StepGuard(optimizer)  # before the scheduler, which wraps optimizer.step
+    scheduler = build_scheduler(recipe, optimizer, steps, steps_per_epoch)
+    stage = recipe["deepspeed"]["zero_stage"]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(recipe, world))
+    layout = None
+    if isinstance(optimizer, (lamb.Lamb, lamb.Lars)):
+        # ZeRO-1/2: per-parameter trust ratios on DeepSpeed's flat partitions (a no-op without partitions)
+        layout = lamb.deepspeed.attach(engine, optimizer)
+
+    start, run_id, target_step = 0, None, None
     if tag is not None:
-        state = ckpt.load(engine, tag)
-        start, run_id = state["step"], state.get("wandb_run_id")
+        state = ckpt.load(engine, tag, optimizer, world, stage)
+        start, run_id, target_step = state["step"], state.get("wandb_run_id"), state.get("target_reached_step")
         _log0(rank, f"resumed from {ckpt.dir / tag} at step {start}")
     else:
+        if init is not None:
+            load_named_state(optimizer, init["state"], reset_step=True, weights=init["weights"])
+            _log0(rank, f"initialised from {init['path']} (its step {init['step']}): weights and optimizer moments; "
+                        f"step, lr schedule and data position start from 0")
         torch.manual_seed(t["seed"] + 1 + rank)  # dropout etc.: independent streams per rank
     if start >= steps:
         _log0(rank, f"nothing to do: step {start} of {steps} already reached")
         return 0
 
+    def save(step_):
+        client = {"lamb": lamb.deepspeed.consolidated_state_dict(optimizer)} if layout is not None else None
+        trainer_state = {"step": step_, "samples": step_ * b["global_batch"], "world_size": world,
+                         "zero_stage": stage, "recipe": dict(recipe), "wandb_run_id": tracker.run_id,
+                         "target_reached_step": target_step}
+        if init is not None:
+            trainer_state["init_from"] = {"path": str(init["path"]), "step": init["step"]}
+        ckpt.save(engine, step_, trainer_state, client)
+
     tracker = Tracker(recipe, out, rank, start, steps, run_id)
-    stop = min(steps, stop_at_step) if stop_at_step else steps
+    stop = min(steps, stop_at_step) if stop_at_step is not None else steps
+    if stop <= start:  # --stop-at-step 0: checkpoint the initial state (e.g. a phase-2 start) and exit
+        if tag is None:
+            save(start)
+        tracker.close()
+        return 0
+    eval_every = t["eval_every"] or (max(1, round(t["eval_every_epochs"] * steps_per_epoch))
+                                     if t["eval_every_epochs"] else 0)
+    tr = recipe["tracking"]
     sampler = StepSampler(len(task.train_ds), b["global_batch"], b["micro_batch"], world, rank, t["seed"],
                           start, stop)
     it = iter(_loader(task.train_ds, sampler, recipe["data"]["num_workers"]))
@@ -258,13 +295,20 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
             mean_loss = float(stats[0]) / (acc * world)
             tracker.log(step, {"loss": mean_loss, "lr": lr, "samples_per_s": b["global_batch"] / dt,
                                "step_time_s": dt, **({"skipped": True} if skipped else {})},
-                        engine.optimizer if step % max(1, t["log_every"]) == 0 else None)
-            if task.eval_ds is not None and t["eval_every"] and step % t["eval_every"] == 0 and step != steps:
-                tracker.log_eval(step, evaluate(task, engine, task.eval_ds, b["micro_batch"], world, rank,
-                                                recipe["data"]["num_workers"]))
-            if (t["checkpoint_every"] and step % t["checkpoint_every"] == 0) or step == stop:
-                ckpt.save(engine, step, {"step": step, "samples": step * b["global_batch"], "world_size": world,
-                                         "recipe": dict(recipe), "wandb_run_id": tracker.run_id})
+                        optimizer if step % max(1, t["log_every"]) == 0 else None)
+            reached = False
+            if task.eval_ds is not None and eval_every and step % eval_every == 0 and step != steps:
+                ev = evaluate(task, engine, task.eval_ds, b["micro_batch"], world, rank, recipe["data"]["num_workers"])
+                tracker.log_eval(step, ev)
+                if target_step is None and _target_reached(tr, ev):
+                    target_step, reached = step, True
+                    _log0(rank, f"target {tr['target_metric']} >= {tr['target_value']} reached at step {step}")
+            stop_now = reached and tr["stop_at_target"]
+            if (t["checkpoint_every"] and step % t["checkpoint_every"] == 0) or step == stop or stop_now:
+                save(step)
+            if stop_now:
+                _log0(rank, "stopping at the target (tracking.stop_at_target)")
+                break
     except NonFiniteLoss as e:
         _log0(rank, f"error: {e}")
         tracker.close()
@@ -283,6 +327,11 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
         ev = evaluate(task, engine, task.eval_ds, b["micro_batch"], world, rank, recipe["data"]["num_workers"])
         tracker.log_eval(step, ev)
         summary.update(ev)
+        if target_step is None and _target_reached(recipe["tracking"], ev):
+            target_step = step
+    if recipe["tracking"]["target_metric"]:
+        summary["target"] = {"metric": recipe["tracking"]["target_metric"],
+                             "value": recipe["tracking"]["target_value"], "reached_step": target_step}
     import resource
 
     mine = (param_digest(engine.module), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -304,6 +353,46 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
     tracker.close()
     _barrier()
     return 0
+
+
+def _target_reached(tr: dict, ev: dict) -> bool:
+    m = tr["target_metric"]
+    return m is not None and m in ev and ev[m] >= tr["target_value"]
+
+
+def _read_init(src: str, rank: int) -> dict:
+    """The latest checkpoint of the run in ``src`` (its output_dir), verified, read by name on every rank."""
+    from .checkpoint import Checkpointer, CheckpointError, read_named_state
+    from .recipe import RecipeError
+
+    c = Checkpointer(src, rank, 1, _barrier, _broadcast)
+    try:
+        tag = c.latest()
+    except CheckpointError as e:
+        raise RecipeError(f"train.init_from: {e}") from None
+    if tag is None:
+        raise RecipeError(f"train.init_from: {src} has no checkpoint ({c.dir} is empty or missing)")
+    weights, state = read_named_state(c.dir / tag)
+    meta = json.loads((c.dir / tag / "trainer.json").read_text())
+    return {"path": c.dir / tag, "step": meta.get("step"), "weights": weights, "state": state}
+
+
+def _load_weights(model, weights: dict, src: str, where: str):
+    from .recipe import RecipeError
+
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise RecipeError(f"{where}: train.init_from: {src} holds a different model (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}); model.type/preset/config must match the first phase")
+    for k, v in own.items():
+        if weights[k].shape != v.shape:
+            hint = (" (set model.config.max_position_embeddings equal in both phases, e.g. 512)"
+                    if "position" in k else "")
+            raise RecipeError(f"{where}: train.init_from: {k} has shape {tuple(weights[k].shape)} in {src}, "
+                              f"{tuple(v.shape)} here{hint}")
+    model.load_state_dict(weights)
 
 
 def _yaml(recipe) -> str:
@@ -328,6 +417,7 @@ def check(recipe_path: str, overrides: list[str]) -> int:
     t0 = time.perf_counter()
     task.build_data(Path(recipe["data"].get("cache_dir") or out / "cache"), True, lambda: None)
     steps = total_steps(recipe, len(task.train_ds))
+    steps_per_epoch = len(task.train_ds) // b["global_batch"]
     print(f"data: {len(task.train_ds)} training samples"
           + (f", {len(task.eval_ds)} evaluation samples" if task.eval_ds is not None else "")
           + f"; {steps} optimizer steps ({steps * b['global_batch'] / len(task.train_ds):.2f} epochs)"
@@ -336,7 +426,9 @@ def check(recipe_path: str, overrides: list[str]) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, {n / 1e6:.2f} M parameters")
     optimizer = build_optimizer(recipe, model, task.default_param_groups)
-    scheduler = build_scheduler(recipe, optimizer, steps)
+    scheduler = build_scheduler(recipe, optimizer, steps, steps_per_epoch)
+    if recipe["train"]["init_from"]:
+        print(f"init_from: {recipe['train']['init_from']} (read when training starts without a checkpoint of its own)")
     mb = min(2, b["micro_batch"])
     batch = torch.utils.data.default_collate([task.train_ds[(i, 0)] for i in range(mb)])
     loss = task.forward(model, batch)
