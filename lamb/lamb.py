@@ -391,8 +391,15 @@ def _multi_tensor_lamb(
 ) -> None:
     """The foreach backend: the same math with ``torch._foreach_*`` ops over chunks of tensors.
 
-    Working through the tensors in chunks (``lamb._chunks``) bounds the temporaries: the update ``u`` is
-    built in one buffer per chunk (plus a gradient copy where it must change), never for all parameters.
+    The bias corrections are folded into per-tensor scalars (``_Scalars``): the ops build
+    ``u' = m / (sqrt(v) + c_eps) + c_wd x`` with ``u = c_norm u'``, and the update is one
+    ``x += coef u'``. On CPU (eager) the work is cache-blocked (``lamb._chunks.by_block``): small tensors
+    packed into blocks of about ``BLOCK`` elements, each block's ~13 ops (moments, direction, norms,
+    update) running on data in cache with three reused scratch buffers; a larger tensor is cut into flat
+    pieces whose directions go to one buffer as large as the largest such tensor, applied once the
+    piece norms are summed (in float64). DRAM traffic: read x, g, m, v, write m, v, u'; read x, u', write x
+    (small tensors: read x, g, m, v, write m, v, x). Elsewhere (GPU, torch.compile) the blocks are
+    whole-tensor chunks (``lamb._chunks.by_numel``) with new buffers per chunk.
     Low-precision tensors without master weights take the reference path, since their math is fp32.
 
     ``norm_reduce`` (ZeRO partitions, see ``lamb.deepspeed``): the tensors are pieces of parameters;
@@ -421,62 +428,238 @@ def _multi_tensor_lamb(
             update_norms, xs = (pick(s, rest) for s in (params, grads, exp_avgs, exp_avg_sqs, master_params,
                                                       state_steps, trust_ratios, weight_norms, update_norms, xs))
 
-    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-              weight_decay_mode=weight_decay_mode, bias_correction=bias_correction)
-    ratio_kw = dict(adapt=adapt, min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
-                    weight_norm_bounds=weight_norm_bounds)
-    chunks = _chunks.by_numel(xs)
-    if norm_reduce is None:
-        # One pass per chunk: moments, direction, norms, ratio, update; the direction buffer is then freed.
-        for idx in chunks:
-            _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, grad_divisor=grad_divisor,
-                             maximize=maximize, grad_averaging=grad_averaging, **kw)
-            u = _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, **kw)
-            w_norm, u_norm = _foreach_norms([xs[i] for i in idx], u)
-            rho = _ratios(w_norm, u_norm, **ratio_kw)
-            _foreach_apply(idx, xs, u, rho, state_steps, **kw)
-            _finish(idx, params, master_params, xs, trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm)
+    if len({x.device for x in xs}) > 1 and norm_reduce is None:
+        # One device at a time: the per-tensor scalars below live on one device.
+        for dev in dict.fromkeys(x.device for x in xs):
+            sub = [i for i, x in enumerate(xs) if x.device == dev]
+            _multi_tensor_lamb(*([s[i] for i in sub] for s in (params, grads, exp_avgs, exp_avg_sqs, master_params,
+                                                              state_steps, trust_ratios, weight_norms, update_norms)),
+                               grad_divisor=grad_divisor, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+                               bias_correction=bias_correction, grad_averaging=grad_averaging, adapt=adapt,
+                               min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
+                               weight_norm_bounds=weight_norm_bounds, maximize=maximize)
         return
 
-    # Partitioned tensors (ZeRO): each tensor here is a piece of a parameter, and its norms are partial.
-    # Pass A updates the moments and collects partial squared norms; one norm_reduce call (an all-reduce)
-    # completes them; pass B recomputes the direction from the new moments and applies it.
     k = len(xs)
-    partial_w: list[Tensor] = [None] * k  # type: ignore[list-item]
-    partial_u: list[Tensor] = [None] * k  # type: ignore[list-item]
-    for idx in chunks:
-        _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, grad_divisor=grad_divisor,
-                         maximize=maximize, grad_averaging=grad_averaging, **kw)
-        u = _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, **kw)
-        for i, w_sq, u_sq in zip(idx, _foreach_sq_norms([xs[i] for i in idx]), _foreach_sq_norms(u)):
-            partial_w[i], partial_u[i] = w_sq, u_sq
+    # Cache blocking on CPU (eager): big tensors are cut into flat pieces, small ones packed together, so a
+    # block's successive ops stay in cache. Elsewhere (GPU, torch.compile, which fuses the ops itself) the
+    # blocks are the whole-tensor chunks of ``_chunks.by_numel``.
+    split = not torch.compiler.is_compiling() and all(x.device.type == "cpu" for x in xs)
+    if split:
+        contiguous = [x.is_contiguous() and grads[i].is_contiguous() and exp_avgs[i].is_contiguous()
+                      and exp_avg_sqs[i].is_contiguous() and (master_params[i] is None or params[i].is_contiguous())
+                      for i, x in enumerate(xs)]
+        blocks = _chunks.by_block(xs, contiguous)
+        # Three scratch buffers per dtype (gradient copy, denominator, direction) reused by every block: fresh
+        # buffers per op would be new pages each time (page faults) and push the block's data out of cache.
+        scratch = {}
+        for blk in blocks:
+            dt = xs[blk[0][0]].dtype
+            scratch[dt] = max(scratch.get(dt, 0), sum(b - a for _, a, b in blk))
+        scratch = {dt: torch.empty((3, n), dtype=dt) for dt, n in scratch.items()}
+    else:
+        scratch = None
+        blocks = [[(i, 0, xs[i].numel()) for i in idx] for idx in _chunks.by_numel(xs)]
+
+    # Per-tensor scalars (1-D over all tensors, in their compute dtype): the bias corrections folded into
+    # the direction u' = m / (sqrt(v) + c_eps) + c_wd x = u / c_norm, so that ||u|| = c_norm ||u'|| and
+    # x <- x - step_size rho c_norm u'.
+    torch._foreach_add_(state_steps, 1)
+    sc = _Scalars(xs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  weight_decay_mode=weight_decay_mode, bias_correction=bias_correction)
+    ratio_kw = dict(adapt=adapt, min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio,
+                    weight_norm_bounds=weight_norm_bounds)
+    mom_kw = dict(grad_divisor=grad_divisor, maximize=maximize, grad_averaging=grad_averaging, beta1=beta1,
+                  beta2=beta2, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
+    rho_all: list[Tensor] = [None] * k  # type: ignore[list-item]
+    w_all: list[Tensor] = [None] * k  # type: ignore[list-item]
+    u_all: list[Tensor] = [None] * k  # type: ignore[list-item]
+
+    # Pass A: moments, direction and norms per block. A block of whole tensors (not partitioned) finishes
+    # at once while its direction is in cache; pieces of a larger tensor (and every ZeRO piece) keep partial
+    # squared norms for pass B, which recomputes the direction from the new moments and applies it.
+    # A tensor cut into pieces (CPU, not partitioned) writes its direction into a buffer as large as the
+    # largest such tensor (the embedding), applied once its norms are complete: no recomputation.
+    whole = lambda blk: all(a == 0 and b == xs[i].numel() for i, a, b in blk)
+    ubuf = {}
+    if scratch is not None and norm_reduce is None:
+        for blk in blocks:
+            if not whole(blk):
+                i = blk[0][0]
+                ubuf[xs[i].dtype] = max(ubuf.get(xs[i].dtype, 0), xs[i].numel())
+        ubuf = {dt: torch.empty(n, dtype=dt) for dt, n in ubuf.items()}
+    deferred: list[list[tuple[int, int, int]]] = []
+    part_idx: list[int] = []
+    part_w: list[Tensor] = []
+    part_u: list[Tensor] = []
+    for blk in blocks:
+        x, m, v = (_pieces(s, blk) for s in (xs, exp_avgs, exp_avg_sqs))
+        bufs = _scratch_views(scratch, x)
+        piece = bool(ubuf) and not whole(blk)  # one piece of a tensor cut by _chunks.by_block
+        if piece:
+            i, a, b = blk[0]
+            if a == 0:
+                u_full, pw, pu = ubuf[xs[i].dtype][:xs[i].numel()], [], []
+            bufs[2] = [u_full[a:b]]
+        _foreach_moments(x, _pieces(grads, blk), m, v, bufs, **mom_kw)
+        u = _foreach_direction(x, m, v, sc, blk, bufs)
+        wn, un = torch._foreach_norm(x), torch._foreach_norm(u)
+        ids = [i for i, _, _ in blk]
+        if piece:
+            pw += wn
+            pu += un
+            if b == xs[i].numel():  # the last piece: complete the norms (in float64), apply in one op
+                sel = torch.tensor([i], device=sc.device)
+                w_norm = torch.linalg.vector_norm(torch.stack(pw).double()).to(sc.dtype).reshape(1)
+                u_norm = torch.linalg.vector_norm(torch.stack(pu).double()).to(sc.dtype).reshape(1)
+                if sc.c_norm is not None:
+                    u_norm = u_norm * sc.c_norm[sel]
+                rho = _ratios(w_norm, u_norm, **ratio_kw)
+                _foreach_apply([xs[i]], [u_full.view(xs[i].shape)], rho, sc, sel, [i],
+                               _master_pieces(params, master_params, [(i, 0, xs[i].numel())]))
+                rho_all[i], w_all[i], u_all[i] = rho[0], w_norm[0], u_norm[0]
+        elif norm_reduce is None and all(a == 0 and b == xs[i].numel() for i, a, b in blk):
+            sel = torch.tensor(ids, device=sc.device)
+            w_norm, u_norm = torch.stack(wn).to(sc.dtype), torch.stack(un).to(sc.dtype)
+            if sc.c_norm is not None:
+                u_norm = u_norm * sc.c_norm[sel]
+            rho = _ratios(w_norm, u_norm, **ratio_kw)
+            _foreach_apply(x, u, rho, sc, sel, ids, _master_pieces(params, master_params, blk))
+            for i, r, w_, u_ in zip(ids, rho.unbind(), w_norm.unbind(), u_norm.unbind()):
+                rho_all[i], w_all[i], u_all[i] = r, w_, u_
+        else:
+            deferred.append(blk)
+            part_idx += ids
+            part_w += wn
+            part_u += un
         del u
-    full = norm_reduce(torch.cat([torch.stack(partial_w), torch.stack(partial_u)]))
-    w_all, u_all = full.sqrt().chunk(2)
-    for idx in chunks:
-        sel = torch.tensor(idx, device=w_all.device)
-        w_norm, u_norm = w_all[sel].to(xs[idx[0]].dtype), u_all[sel].to(xs[idx[0]].dtype)
+
+    if deferred:
+        # Complete the partial norms: sum the pieces of each tensor locally (in float64 on CPU: no
+        # under/overflow of the squares), then across ranks with norm_reduce.
+        rdt = sc.dtype
+        acc = torch.float64 if split else rdt
+        sel = torch.tensor(part_idx, device=sc.device)
+        tids = sorted(set(part_idx))
+        tsel = torch.tensor(tids, device=sc.device)
+        sq_w = torch.zeros(k, dtype=acc, device=sc.device).index_add_(0, sel, torch.stack(part_w).to(acc) ** 2)
+        sq_u = torch.zeros(k, dtype=acc, device=sc.device).index_add_(0, sel, torch.stack(part_u).to(acc) ** 2)
+        if sc.c_norm is not None:
+            sq_u = sq_u * sc.c_norm.to(acc) ** 2
+        if norm_reduce is not None:
+            full = norm_reduce(torch.cat([sq_w.to(rdt), sq_u.to(rdt)])).to(acc)
+            sq_w, sq_u = full.chunk(2)
+        w_norm, u_norm = sq_w[tsel].sqrt().to(rdt), sq_u[tsel].sqrt().to(rdt)
         rho = _ratios(w_norm, u_norm, **ratio_kw)
-        u = _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, **kw)
-        _foreach_apply(idx, xs, u, rho, state_steps, **kw)
-        _finish(idx, params, master_params, xs, trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm)
+        rho_k = torch.ones(k, dtype=rdt, device=sc.device).index_copy_(0, tsel, rho)
+        for i, r, w_, u_ in zip(tids, rho.unbind(), w_norm.unbind(), u_norm.unbind()):
+            rho_all[i], w_all[i], u_all[i] = r, w_, u_
+        for blk in deferred:
+            x, m, v = (_pieces(s, blk) for s in (xs, exp_avgs, exp_avg_sqs))
+            ids = [i for i, _, _ in blk]
+            u = _foreach_direction(x, m, v, sc, blk, _scratch_views(scratch, x))
+            sel = torch.tensor(ids, device=sc.device)
+            _foreach_apply(x, u, rho_k[sel], sc, sel, ids, _master_pieces(params, master_params, blk))
+            del u
+
+    _finish(trust_ratios, weight_norms, update_norms, rho_all, w_all, u_all)
 
 
-def _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, *, grad_divisor, maximize, grad_averaging,
-                     lr, beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction) -> None:
-    """step += 1; g <- g / divisor (+ wd x for "l2"); m <- b1 m + (1-b1) g (or b1 m + g); v <- b2 v + (1-b2) g^2."""
-    x = [xs[i] for i in idx]
-    m = [exp_avgs[i] for i in idx]
-    v = [exp_avg_sqs[i] for i in idx]
-    g = [grads[i] if grads[i].dtype == x[k].dtype else grads[i].to(x[k].dtype) for k, i in enumerate(idx)]
-    torch._foreach_add_([state_steps[i] for i in idx], 1)
-    # A private gradient copy only where it must change: the caller's .grad stays untouched.
-    if maximize:
-        g = torch._foreach_neg(g)
-    if grad_divisor is not None:
-        g = torch._foreach_div(g, grad_divisor)
-    if weight_decay_mode == "l2" and weight_decay != 0:
-        g = torch._foreach_add(g, x, alpha=weight_decay)
+def _scratch_views(scratch: dict | None, x: list[Tensor]) -> list[list[Tensor]] | None:
+    """Three lists of views of the scratch buffers shaped as the block's pieces (None: allocate instead)."""
+    if scratch is None:
+        return None
+    buf = scratch[x[0].dtype]
+    out: list[list[Tensor]] = [[], [], []]
+    off = 0
+    for xi in x:
+        n = xi.numel()
+        for j in range(3):
+            out[j].append(buf[j, off:off + n].view(xi.shape))
+        off += n
+    return out
+
+
+def _pieces(tensors: list[Tensor], blk: list[tuple[int, int, int]]) -> list[Tensor]:
+    """The block's pieces of ``tensors``: the tensor itself where whole, else a flat view."""
+    return [tensors[i] if a == 0 and b == tensors[i].numel() else tensors[i].view(-1)[a:b] for i, a, b in blk]
+
+
+def _master_pieces(params, master_params, blk) -> tuple[list[int], list[Tensor]] | None:
+    """Positions in the block of the pieces with master weights, and the matching low-precision pieces."""
+    keep = [j for j, (i, _, _) in enumerate(blk) if master_params[i] is not None]
+    return (keep, _pieces(params, [blk[j] for j in keep])) if keep else None
+
+
+class _Scalars:
+    """Per-tensor scalars of one step: u' = m / (sqrt(v) + c_eps) + c_wd x, ||u|| = c_norm ||u'||,
+    x <- x (1 - decay) + coef u' with coef = -step_size * rho * c_norm.
+
+    ``"moments"``: c_eps = eps sqrt(bc2), c_wd = wd bc1 / sqrt(bc2), c_norm = sqrt(bc2) / bc1 (per tensor:
+    the steps may differ); ``"lr"``: step_size = lr sqrt(bc2) / bc1; ``"none"``: plain. A constant is kept
+    as a Python number (or a 0-dim tensor for a tensor lr) so that the foreach ops take their scalar forms.
+    """
+
+    def __init__(self, xs, state_steps, *, lr, beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction):
+        self.dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+        self.device = xs[0].device
+        dt, dev = self.dtype, self.device
+        decayed = weight_decay != 0
+        self.c_eps: float | list[Tensor] = eps
+        self.c_wd: float | list[Tensor] | None = weight_decay if weight_decay_mode == "ratio" and decayed else None
+        self.c_norm: Tensor | None = None
+        self.step_size: Any = lr if not isinstance(lr, Tensor) else lr.to(device=dev, dtype=dt)
+        self.decay = None
+        if weight_decay_mode == "decoupled" and decayed:
+            decay = 1 - lr * weight_decay
+            self.decay = decay.to(device=dev, dtype=dt) if isinstance(decay, Tensor) else decay
+        if bias_correction in ("moments", "lr"):
+            t = torch.stack([s.to(device=dev, dtype=dt) for s in state_steps])
+            bc1 = 1 - torch.pow(beta1, t)
+            sb2 = (1 - torch.pow(beta2, t)).sqrt()
+            if bias_correction == "moments":
+                self.c_norm = sb2 / bc1
+                self.c_eps = list((eps * sb2).unbind())
+                if self.c_wd is not None:
+                    self.c_wd = list((weight_decay * bc1 / sb2).unbind())
+            else:
+                self.step_size = self.step_size * sb2 / bc1
+        # coef(rho) = -step_size * rho * c_norm, per tensor
+        self._coef_base = -self.step_size if self.c_norm is None else -self.step_size * self.c_norm
+
+    def coef(self, rho: Tensor, sel: Tensor) -> Tensor:
+        base = self._coef_base
+        return rho * (base[sel] if isinstance(base, Tensor) and base.dim() == 1 else base)
+
+
+def _per_piece(values, ids):
+    """A per-tensor scalar for a block: a Python number as is, else the list of 0-dim tensors per piece."""
+    return values if not isinstance(values, list) else [values[i] for i in ids]
+
+
+def _foreach_moments(x, g, m, v, bufs, *, grad_divisor, maximize, grad_averaging, beta1, beta2, weight_decay,
+                     weight_decay_mode) -> None:
+    """g <- g / divisor (+ wd x for "l2"); m <- b1 m + (1-b1) g (or b1 m + g); v <- b2 v + (1-b2) g^2."""
+    l2 = weight_decay_mode == "l2" and weight_decay != 0
+    if bufs is not None and (grad_divisor is not None or maximize or l2):
+        # A private gradient copy only where it must change: the caller's .grad stays untouched.
+        torch._foreach_copy_(bufs[0], g)
+        g = bufs[0]
+        if grad_divisor is not None:
+            torch._foreach_div_(g, -grad_divisor if maximize else grad_divisor)
+        elif maximize:
+            torch._foreach_neg_(g)
+        if l2:
+            torch._foreach_add_(g, x, alpha=weight_decay)
+    else:
+        g = [gi if gi.dtype == xi.dtype else gi.to(xi.dtype) for gi, xi in zip(g, x)]
+        if grad_divisor is not None:
+            g = torch._foreach_div(g, -grad_divisor if maximize else grad_divisor)
+        elif maximize:
+            g = torch._foreach_neg(g)
+        if l2:
+            g = torch._foreach_add(g, x, alpha=weight_decay)
     if grad_averaging:
         torch._foreach_lerp_(m, g, 1 - beta1)
     else:
@@ -486,39 +669,34 @@ def _foreach_moments(idx, xs, grads, exp_avgs, exp_avg_sqs, state_steps, *, grad
     torch._foreach_addcmul_(v, g, g, value=1 - beta2)
 
 
-def _foreach_direction(idx, xs, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                       weight_decay_mode, bias_correction) -> list[Tensor]:
-    """u = (m / bc1) / (sqrt(v / bc2) + eps) [+ wd x for "ratio"], built in place in one new buffer list."""
-    x = [xs[i] for i in idx]
-    m = [exp_avgs[i] for i in idx]
-    v = [exp_avg_sqs[i] for i in idx]
-    dt = x[0].dtype
-    if bias_correction == "moments":
-        t = [state_steps[i].to(dt) for i in idx]
-        bc1 = [1 - torch.pow(beta1, ti) for ti in t]
-        bc2 = [1 - torch.pow(beta2, ti) for ti in t]
-        u = torch._foreach_div(v, bc2)
-        torch._foreach_sqrt_(u)
+def _foreach_direction(x, m, v, sc: _Scalars, blk, bufs) -> list[Tensor]:
+    """u' = m / (sqrt(v) + c_eps) [+ c_wd x for "ratio"]: in the scratch views ``bufs`` or in new buffers."""
+    ids = [i for i, _, _ in blk]
+    if bufs is None:
+        d = torch._foreach_sqrt(v)
     else:
-        u = torch._foreach_sqrt(v)
-    torch._foreach_add_(u, eps)
-    torch._foreach_reciprocal_(u)
-    torch._foreach_mul_(u, m)
-    if bias_correction == "moments":
-        torch._foreach_div_(u, bc1)
-    if weight_decay_mode == "ratio" and weight_decay != 0:
-        torch._foreach_add_(u, x, alpha=weight_decay)
+        d, u = bufs[1], bufs[2]
+        torch._foreach_copy_(d, v)
+        torch._foreach_sqrt_(d)
+    torch._foreach_add_(d, _per_piece(sc.c_eps, ids))
+    if sc.c_wd is None:
+        if bufs is None:
+            return torch._foreach_div(m, d)
+        torch._foreach_copy_(u, m)
+        torch._foreach_div_(u, d)
+        return u
+    if bufs is None:
+        u = torch._foreach_mul(x, _per_piece(sc.c_wd, ids))
+    else:
+        torch._foreach_copy_(u, x)
+        torch._foreach_mul_(u, _per_piece(sc.c_wd, ids))
+    torch._foreach_addcdiv_(u, m, d)
     return u
 
 
 def _foreach_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
     """Squared L2 norms (0-dim), for partial norms that are summed across ranks before the square root."""
     return [n * n for n in torch._foreach_norm(tensors)]
-
-
-def _foreach_norms(x: list[Tensor], u: list[Tensor]) -> tuple[Tensor, Tensor]:
-    dt = x[0].dtype
-    return torch.stack(torch._foreach_norm(x)).to(dt), torch.stack(torch._foreach_norm(u)).to(dt)
 
 
 def _ratios(w_norm: Tensor, u_norm: Tensor, *, adapt: bool, min_trust_ratio: float | None,
@@ -530,27 +708,19 @@ def _ratios(w_norm: Tensor, u_norm: Tensor, *, adapt: bool, min_trust_ratio: flo
     return trust_ratio(phi, u_norm, zero_check=(w_norm, u_norm), min_ratio=min_trust_ratio, max_ratio=max_trust_ratio)
 
 
-def _foreach_apply(idx, xs, u, rho, state_steps, *, lr, beta1, beta2, eps, weight_decay, weight_decay_mode,
-                   bias_correction) -> None:
-    """x <- x (1 - lr wd) [decoupled] - step_size * rho * u, with u scaled in place."""
-    x = [xs[i] for i in idx]
-    dt = x[0].dtype
-    scale = rho * lr
-    if bias_correction == "lr":
-        t = torch.stack([state_steps[i].to(dt) for i in idx])
-        scale = scale * (1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t))
-    torch._foreach_mul_(u, list(torch.neg(scale).unbind()))
-    if weight_decay_mode == "decoupled" and weight_decay != 0:
-        decay = 1 - lr * weight_decay
-        torch._foreach_mul_(x, decay.to(dt) if isinstance(decay, Tensor) else decay)
-    torch._foreach_add_(x, u)
+def _foreach_apply(x, u, rho, sc: _Scalars, sel: Tensor, ids: list[int], param_pieces) -> None:
+    """x <- x (1 - lr wd) [decoupled] - step_size rho c_norm u' in one op; low-precision params refreshed."""
+    coef = sc.coef(rho, sel)
+    if sc.decay is not None:
+        torch._foreach_mul_(x, sc.decay)
+    torch._foreach_addcmul_(x, u, list(coef.to(x[0].dtype).unbind()))
+    if param_pieces is not None:
+        keep, dst = param_pieces
+        torch._foreach_copy_(dst, [x[j] for j in keep])
 
 
-def _finish(idx, params, master_params, xs, trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm) -> None:
-    """Refresh low-precision params from their masters and record the trust statistics."""
-    for i in idx:
-        if master_params[i] is not None:
-            params[i].copy_(xs[i])
-    torch._foreach_copy_([trust_ratios[i] for i in idx], list(rho.float().unbind()))
-    torch._foreach_copy_([weight_norms[i] for i in idx], list(w_norm.float().unbind()))
-    torch._foreach_copy_([update_norms[i] for i in idx], list(u_norm.float().unbind()))
+def _finish(trust_ratios, weight_norms, update_norms, rho, w_norm, u_norm) -> None:
+    """Record the trust statistics (fp32 state), one foreach copy each."""
+    torch._foreach_copy_(trust_ratios, list(torch.stack(rho).float().unbind()))
+    torch._foreach_copy_(weight_norms, list(torch.stack(w_norm).float().unbind()))
+    torch._foreach_copy_(update_norms, list(torch.stack(u_norm).float().unbind()))
