@@ -519,7 +519,7 @@ def _multi_tensor_lamb(
                 _foreach_apply([xs[i]], [u_full.view(xs[i].shape)], rho, sc, sel, [i],
                                _master_pieces(params, master_params, [(i, 0, xs[i].numel())]))
                 rho_all[i], w_all[i], u_all[i] = rho[0], w_norm[0], u_norm[0]
-        elif norm_reduce is None and all(a == 0 and b == xs[i].numel() for i, a, b in blk):
+        elif norm_reduce is None and whole(blk):
             sel = torch.tensor(ids, device=sc.device)
             w_norm, u_norm = torch.stack(wn).to(sc.dtype), torch.stack(un).to(sc.dtype)
             if sc.c_norm is not None:
@@ -692,11 +692,6 @@ def _foreach_direction(x, m, v, sc: _Scalars, blk, bufs) -> list[Tensor]:
         torch._foreach_mul_(u, _per_piece(sc.c_wd, ids))
     torch._foreach_addcdiv_(u, m, d)
     return u
-
-
-def _foreach_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Squared L2 norms (0-dim), for partial norms that are summed across ranks before the square root."""
-    return [n * n for n in torch._foreach_norm(tensors)]
 
 
 def _ratios(w_norm: Tensor, u_norm: Tensor, *, adapt: bool, min_trust_ratio: float | None,
