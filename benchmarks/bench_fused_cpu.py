@@ -66,9 +66,9 @@ def make(backend: str, layers: int, hidden: int):
         if backend == "lamb_compiled":
             step = torch.compile(opt.step)
     elif backend == "timm_lamb":
-        from timm.optim.lamb import Lamb as TimmLamb
+        from bench_step import _load_timm_lamb  # timm's Lamb without torchvision (see bench_step.py)
 
-        opt = TimmLamb(params, eps=1e-6, **kw)
+        opt = _load_timm_lamb()(params, eps=1e-6, **kw)
     elif backend == "torch_optimizer_lamb":
         import torch_optimizer
 
@@ -125,11 +125,13 @@ def versions() -> dict:
     import torch
 
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("timm", "torch_optimizer", "lamb"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod in ("timm", "torch-optimizer", "lamb"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
+            out[mod.replace("-", "_")] = version(mod)
+        except PackageNotFoundError:
+            out[mod.replace("-", "_")] = "not installed"
     return out
 
 
