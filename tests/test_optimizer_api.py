@@ -432,20 +432,3 @@ def test_complex_parameter_raises(cls, kw):
         opt = cls([p], **kw)
         p.grad = torch.ones_like(p)
         opt.step()
-
-
-@pytest.mark.parametrize("cls,kw", [(Lamb, {}), (Lars, {"lr": 0.1})])
-def test_fused_true_is_clear(cls, kw):
-    """Until the fused kernels exist, fused=True raises a clear error (never a silent fallback);
-    once they exist this is the fused helpers' business."""
-    try:
-        import lamb._fused  # noqa: F401
-
-        pytest.skip("lamb._fused exists: tested by tests/test_fused*")
-    except ImportError:
-        pass
-    p = nn.Parameter(torch.ones(3))
-    with pytest.raises((RuntimeError, ValueError, NotImplementedError), match="(?i)fused"):
-        opt = cls([p], fused=True, **kw)
-        p.grad = torch.ones(3)
-        opt.step()
