@@ -12,10 +12,21 @@
 // fp32 LAMB moves 40 bytes a parameter a step (24 in pass A, 16 in pass B); with check_finite it is 44
 // (pass A only reads: 16; pass B reads g, w, m, v and writes m, v, w: 28).  LARS moves 28 (8 + 20).
 //
+// Cache blocking (the one-call steps): consecutive tensors are stepped in blocks of at most g_block elements
+// (a larger tensor is a block by itself); pass A, the ratios and pass B run block by block, so pass B finds
+// w, m, v (g for LARS) of a block still in the last-level cache where pass A left them, and memory traffic for
+// such tensors drops to pass A's (24 B/param for fp32 LAMB) plus the write of w.  LAMB's pass A also keeps each
+// element's u in a block-sized scratch buffer (attach_scratch), so that pass B reads w and u and computes
+// w - s u without m, v, the square root and the division: a CPU with fast memory is bound by that arithmetic,
+// which LAMB would otherwise do twice.  Results are bit-identical to unblocked stepping: each tensor's norms
+// are summed over the same fixed chunks in the same order, and u is the same value either way.  Not with
+// check_finite (every gradient is checked before anything is written) nor in the split ops (the norms are
+// completed by the caller between the passes).
+//
 // Threads: at::parallel_for over chunks of kChunk elements.  The norms' partial sums live in a buffer of
 // at most kWave chunks (pass A runs in waves of kWave chunks), so no allocation grows with the
-// parameter count.  SIMD: the loops are compiled twice, for baseline x86-64 and for AVX2+FMA, and picked
-// from cpuid at run time (never -march=native, so a cached build can move between machines).
+// parameter count.  SIMD: the loops are compiled three times, for baseline x86-64, AVX2+FMA and AVX-512, and
+// the best is picked from cpuid at run time (never -march=native, so a cached build can move between machines).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +37,8 @@
 #include <limits>
 #include <vector>
 
+#include <unistd.h>  // sysconf: the last-level cache size for the default cache block
+
 #include "include/lamb_math.h"
 
 namespace lamb_cpu {
@@ -34,6 +47,27 @@ using namespace lamb_math;
 
 constexpr int64_t kChunk = 16384;  // elements per chunk (64 KiB of fp32 per buffer)
 constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum buffer: 256 x 3 doubles)
+
+// Default cache block: the largest power of two between 256Ki and 2Mi elements whose pass-A data (20 B an
+// element: g, w, m, v and the scratch u) fill at most half the last-level cache, 1Mi where the cache size is
+// unknown.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md): on a 2-vCPU Intel Xeon
+// VM (AVX-512, a 480 MiB L3 shared with other tenants) 2Mi and 4Mi were best and 512Ki 3-5% slower; on a
+// 2-core AMD EPYC Zen 4 with a 32 MiB L3 (512Ki by this rule) 256Ki..1Mi were within 1% and 4Mi lost most of
+// the gain.  The 2Mi cap bounds the per-thread scratch (8 MiB).
+constexpr int64_t kMinBlock = int64_t{1} << 18;
+constexpr int64_t kMaxBlock = int64_t{1} << 21;
+constexpr int64_t kUnknownCacheBlock = int64_t{1} << 20;
+
+static int64_t default_block() {
+  long llc = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  if (llc <= 0) return kUnknownCacheBlock;
+  int64_t b = kMinBlock;
+  while (b * 2 <= kMaxBlock && b * 2 * 20 * 2 <= static_cast<int64_t>(llc)) b *= 2;
+  return b;
+}
 
 enum Combo : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBF16Master = 3, kF16Master = 4 };
 
@@ -48,6 +82,7 @@ struct TensorRef {
   LambStepCoef coef;  // LAMB bias-correction terms at this tensor's step
   float s;           // pass B step: lr_t * rho (LAMB), lr * rho (LARS)
   float decay;       // lr * wd in LAMB's "decoupled" mode, else 0
+  float* scratch;    // LAMB: where pass A keeps u for pass B (element i at scratch[i]), or nullptr
 };
 
 namespace base {
@@ -61,21 +96,40 @@ namespace avx2 {
 #include "cpu/lamb_cpu_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
-#define LAMB_CPU_HAS_AVX2 1
+// 512-bit vectors (GCC otherwise prefers 256-bit ones even where AVX-512 is enabled).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,prefer-vector-width=512")
+namespace avx512 {
+#include "cpu/lamb_cpu_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#define LAMB_CPU_HAS_X86_ISAS 1
 #endif
 
-// 0: baseline loops, 1: AVX2+FMA; -1: from cpuid (the default; LAMB_CPU_ISA=base|avx2 overrides).
+// 0: baseline loops, 1: AVX2+FMA, 2: AVX-512 (F/VL/BW/DQ); -1: the best the CPU has (the default;
+// LAMB_CPU_ISA=base|avx2|avx512 caps it).
 static int g_isa = -1;
 
-static int detect_isa() {
-#ifdef LAMB_CPU_HAS_AVX2
-  const char* env = std::getenv("LAMB_CPU_ISA");
-  if (env != nullptr && std::string(env) == "base") return 0;
+static int best_isa() {
+#ifdef LAMB_CPU_HAS_X86_ISAS
   __builtin_cpu_init();
-  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  return 1;
 #else
   return 0;
 #endif
+}
+
+static int detect_isa() {
+  const int best = best_isa();
+  const char* env = std::getenv("LAMB_CPU_ISA");
+  if (env == nullptr) return best;
+  const std::string want(env);
+  const int cap = want == "base" ? 0 : want == "avx2" ? 1 : 2;
+  return std::min(best, cap);
 }
 
 static int isa() {
@@ -83,16 +137,39 @@ static int isa() {
   return g_isa;
 }
 
-// Select the loops (tests run both): -1 re-detects; returns the ISA now in use (0 base, 1 avx2).
+// Select the loops (tests run each one the CPU has): -1 re-detects; returns the ISA now in use.
 int64_t set_isa(int64_t which) {
   if (which < 0) {
     g_isa = detect_isa();
   } else {
-    TORCH_CHECK(which == 0 || (which == 1 && detect_isa() == 1),
-                "lamb_cpu.set_isa: ISA ", which, " is not available on this machine");
+    TORCH_CHECK(which >= 0 && which <= best_isa(), "lamb_cpu.set_isa: ISA ", which,
+                " (0 base, 1 avx2, 2 avx512) is not available on this machine (best: ", best_isa(), ")");
     g_isa = static_cast<int>(which);
   }
   return g_isa;
+}
+
+// Run the chunk function NAME of the selected ISA's loops.
+#ifdef LAMB_CPU_HAS_X86_ISAS
+#define LAMB_CPU_DISPATCH(isa_, NAME, ...)                   \
+  do {                                                       \
+    if ((isa_) == 2) return avx512::NAME(__VA_ARGS__);       \
+    if ((isa_) == 1) return avx2::NAME(__VA_ARGS__);         \
+    return base::NAME(__VA_ARGS__);                          \
+  } while (0)
+#else
+#define LAMB_CPU_DISPATCH(isa_, NAME, ...) return base::NAME(__VA_ARGS__)
+#endif
+
+// Elements per cache block (0: no blocking, every tensor in one block); set_cache_block(-1) restores the
+// default.  Returns the previous value (benchmarks sweep it, tests force tiny blocks).
+static const int64_t kDefaultBlock = default_block();
+static int64_t g_block = kDefaultBlock;
+
+int64_t set_cache_block(int64_t elems) {
+  const int64_t prev = g_block;
+  g_block = elems < 0 ? kDefaultBlock : elems;
+  return prev;
 }
 
 // ---------------------------------------------------------------------------------------- checks
@@ -169,6 +246,40 @@ static void reduce_pass(const std::vector<TensorRef>& ts, const std::vector<int6
   }
 }
 
+// Block boundaries [0, b_1, .., n): consecutive tensors with at most g_block elements together.
+static std::vector<size_t> cache_blocks(const std::vector<TensorRef>& ts, bool blocked) {
+  std::vector<size_t> bounds{0};
+  int64_t filled = 0;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (blocked && g_block > 0 && filled > 0 && filled + ts[i].numel > g_block) {
+      bounds.push_back(i);
+      filled = 0;
+    }
+    filled += ts[i].numel;
+  }
+  if (bounds.back() != ts.size()) bounds.push_back(ts.size());
+  return bounds;
+}
+
+// The update scratch of the blocked one-call LAMB step: a block of at most g_block elements keeps u in a
+// per-thread buffer of the block's size (at most g_block floats, 8 MiB at most by default; reused across steps,
+// so nothing is allocated that grows with the parameter count).  Pass A writes it while the block's data
+// are in cache, pass B reads it instead of m and v and skips the sqrt and the division: on CPUs where the
+// step is bound by arithmetic rather than memory that is most of pass B's cost.  A tensor larger than the
+// block (a block by itself) has no scratch and recomputes u.
+static void attach_scratch(std::vector<TensorRef>& block) {
+  int64_t total = 0;
+  for (const TensorRef& t : block) total += t.numel;
+  if (g_block <= 0 || total == 0 || total > g_block) return;
+  static thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(static_cast<size_t>(total));
+  int64_t off = 0;
+  for (TensorRef& t : block) {
+    t.scratch = scratch.data() + off;
+    off += t.numel;
+  }
+}
+
 template <class F>
 static void update_pass(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix, const F& chunk_fn) {
   at::parallel_for(0, prefix.back(), 1, [&](int64_t b, int64_t e) {
@@ -225,6 +336,7 @@ static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grad
     t.numel = p.numel();
     t.s = 0.0f;
     t.decay = 0.0f;
+    t.scratch = nullptr;
   }
   return ts;
 }
@@ -296,12 +408,9 @@ static void lamb_coefs(std::vector<TensorRef>& ts, at::TensorList state_steps, c
 static std::vector<double> lamb_sums(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix,
                                      const LambParams& hp, float gscale, bool write) {
   std::vector<double> sums(ts.size() * 3, 0.0);
-  const bool use_avx2 = isa() == 1;
+  const int which = isa();
   reduce_pass(ts, prefix, sums, [&](const TensorRef& t, int64_t lo, int64_t hi, double* acc) {
-#ifdef LAMB_CPU_HAS_AVX2
-    if (use_avx2) return avx2::lamb_chunk_a(t, lo, hi, hp, gscale, write, acc);
-#endif
-    base::lamb_chunk_a(t, lo, hi, hp, gscale, write, acc);
+    LAMB_CPU_DISPATCH(which, lamb_chunk_a, t, lo, hi, hp, gscale, write, acc);
   });
   return sums;
 }
@@ -320,12 +429,9 @@ static void lamb_apply_all(std::vector<TensorRef>& ts, const std::vector<int64_t
     weight_norms[i].data_ptr<float>()[0] = wn;
     update_norms[i].data_ptr<float>()[0] = un;
   }
-  const bool use_avx2 = isa() == 1;
+  const int which = isa();
   update_pass(ts, prefix, [&](const TensorRef& t, int64_t lo, int64_t hi) {
-#ifdef LAMB_CPU_HAS_AVX2
-    if (use_avx2) return avx2::lamb_chunk_b(t, lo, hi, hp, gscale, recompute);
-#endif
-    base::lamb_chunk_b(t, lo, hi, hp, gscale, recompute);
+    LAMB_CPU_DISPATCH(which, lamb_chunk_b, t, lo, hi, hp, gscale, recompute);
   });
   for (size_t i = 0; i < ts.size(); ++i) state_steps[i].data_ptr<float>()[0] += 1.0f;
 }
@@ -341,14 +447,21 @@ void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   float gscale = 1.0f;
   if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
   lamb_coefs(ts, state_steps, hp);
-  const std::vector<int64_t> prefix = chunk_prefix(ts);
-  const std::vector<double> sums = lamb_sums(ts, prefix, hp, gscale, /*write=*/!check_finite);
-  if (check_finite) {
-    for (size_t i = 0; i < ts.size(); ++i)
-      if (!std::isfinite(sums[i * 3 + 2])) return;  // nothing written yet: the step is skipped
+  const std::vector<size_t> bounds = cache_blocks(ts, /*blocked=*/!check_finite);
+  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
+    const size_t i0 = bounds[b], n = bounds[b + 1] - i0;
+    std::vector<TensorRef> block(ts.begin() + i0, ts.begin() + i0 + n);
+    if (!check_finite) attach_scratch(block);
+    const std::vector<int64_t> prefix = chunk_prefix(block);
+    const std::vector<double> sums = lamb_sums(block, prefix, hp, gscale, /*write=*/!check_finite);
+    if (check_finite) {  // one block: nothing written yet, so a non-finite gradient skips the whole step
+      for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(sums[i * 3 + 2])) return;
+    }
+    lamb_apply_all(block, prefix, hp, gscale, check_finite, sums.data(), sums.data() + 1, 3,
+                   state_steps.slice(i0, n), trust_ratios.slice(i0, n), weight_norms.slice(i0, n),
+                   update_norms.slice(i0, n));
   }
-  lamb_apply_all(ts, prefix, hp, gscale, check_finite, sums.data(), sums.data() + 1, 3, state_steps, trust_ratios,
-                 weight_norms, update_norms);
 }
 
 // ---------------------------------------------------------------------------------------- split steps
@@ -439,12 +552,9 @@ static LarsParams lars_params(double lr, double momentum, double weight_decay, d
 static std::vector<double> lars_sums(const std::vector<TensorRef>& ts, const std::vector<int64_t>& prefix,
                                      const LarsParams& lp, float gscale) {
   std::vector<double> sums(ts.size() * 3, 0.0);
-  const bool use_avx2 = isa() == 1;
+  const int which = isa();
   reduce_pass(ts, prefix, sums, [&](const TensorRef& t, int64_t lo, int64_t hi, double* acc) {
-#ifdef LAMB_CPU_HAS_AVX2
-    if (use_avx2) return avx2::lars_chunk_a(t, lo, hi, lp, gscale, acc);
-#endif
-    base::lars_chunk_a(t, lo, hi, lp, gscale, acc);
+    LAMB_CPU_DISPATCH(which, lars_chunk_a, t, lo, hi, lp, gscale, acc);
   });
   return sums;
 }
@@ -462,12 +572,9 @@ static void lars_apply_all(std::vector<TensorRef>& ts, const std::vector<int64_t
     weight_norms[i].data_ptr<float>()[0] = wn;
     update_norms[i].data_ptr<float>()[0] = gn;
   }
-  const bool use_avx2 = isa() == 1;
+  const int which = isa();
   update_pass(ts, prefix, [&](const TensorRef& t, int64_t lo, int64_t hi) {
-#ifdef LAMB_CPU_HAS_AVX2
-    if (use_avx2) return avx2::lars_chunk_b(t, lo, hi, lp, gscale);
-#endif
-    base::lars_chunk_b(t, lo, hi, lp, gscale);
+    LAMB_CPU_DISPATCH(which, lars_chunk_b, t, lo, hi, lp, gscale);
   });
   for (size_t i = 0; i < ts.size(); ++i) state_steps[i].data_ptr<float>()[0] += 1.0f;
 }
@@ -482,14 +589,19 @@ void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momen
   float gscale = 1.0f;
   if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
   const LarsParams lp = lars_params(LARS_HP_PASS);
-  const std::vector<int64_t> prefix = chunk_prefix(ts);
-  const std::vector<double> sums = lars_sums(ts, prefix, lp, gscale);
-  if (check_finite) {
-    for (size_t i = 0; i < ts.size(); ++i)
-      if (!std::isfinite(sums[i * 3 + 2])) return;
+  const std::vector<size_t> bounds = cache_blocks(ts, /*blocked=*/!check_finite);
+  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
+    const size_t i0 = bounds[b], n = bounds[b + 1] - i0;
+    std::vector<TensorRef> block(ts.begin() + i0, ts.begin() + i0 + n);
+    const std::vector<int64_t> prefix = chunk_prefix(block);
+    const std::vector<double> sums = lars_sums(block, prefix, lp, gscale);
+    if (check_finite) {  // one block: pass A only reads, so a non-finite gradient skips the whole step
+      for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(sums[i * 3 + 2])) return;
+    }
+    lars_apply_all(block, prefix, lp, gscale, sums.data(), sums.data() + 1, 3, state_steps.slice(i0, n),
+                   trust_ratios.slice(i0, n), weight_norms.slice(i0, n), update_norms.slice(i0, n));
   }
-  lars_apply_all(ts, prefix, lp, gscale, sums.data(), sums.data() + 1, 3, state_steps, trust_ratios, weight_norms,
-                 update_norms);
 }
 
 // As lamb_pass_a / lamb_pass_b: sq_norms = [||w_i||^2 .., ||g_i||^2 (or ||g_i + wd w_i||^2) ..]; pass A
@@ -580,4 +692,5 @@ TORCH_LIBRARY(lamb_cpu, m) {
       "bool maximize, bool check_finite) -> ()",
       &lamb_cpu::lars_pass_b);
   m.def("set_isa(int which) -> int", &lamb_cpu::set_isa);
+  m.def("set_cache_block(int elems) -> int", &lamb_cpu::set_cache_block);
 }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -39,16 +41,31 @@ def _built():
     ops.load_cpu()
 
 
-@pytest.fixture(params=["avx2", "base"])
+ISAS = {"avx512": 2, "avx2": 1, "base": 0}
+
+
+@pytest.fixture(params=list(ISAS))
 def isa(request):
-    want = 1 if request.param == "avx2" else 0
+    want = ISAS[request.param]
     try:
         got = torch.ops.lamb_cpu.set_isa(want)
     except RuntimeError:
-        pytest.skip("AVX2 not available on this machine")
+        pytest.skip(f"{request.param} not available on this machine")
     assert got == want
     yield request.param
     torch.ops.lamb_cpu.set_isa(-1)
+
+
+# Cache blocks (elements): the default (256Ki..2Mi by the cache size; every test set here fits in one block) and small ones that cut
+# SHAPES into the blocks [1..18011], [33x65, empty], [40000] (a tensor larger than the block is a block alone).
+BLOCKS = {"default": -1, "small": 20000}
+
+
+@pytest.fixture(params=list(BLOCKS))
+def block(request):
+    torch.ops.lamb_cpu.set_cache_block(BLOCKS[request.param])
+    yield request.param
+    torch.ops.lamb_cpu.set_cache_block(-1)
 
 
 def _state(params, masters=False):
@@ -133,7 +150,7 @@ def _run_lamb(params, kw, steps=STEPS, masters=False, grad_scale=1.0):
 
 
 @pytest.mark.parametrize("variant", list(LAMB_VARIANTS))
-def test_lamb_fp32_matches_reference(variant, isa):
+def test_lamb_fp32_matches_reference(variant, isa, block):
     kw = {**LAMB_KW, **LAMB_VARIANTS[variant]}
     params = _params()
     ref_p, fus_p, ref_s, fus_s = _run_lamb(params, kw)
@@ -146,7 +163,7 @@ def test_lamb_fp32_matches_reference(variant, isa):
         assert fus_s[i]["step"].item() == STEPS
 
 
-def test_lamb_many_small_tensors(isa):
+def test_lamb_many_small_tensors(isa, block):
     shapes = [(1 + (7 * i) % 23,) for i in range(300)] + [(0,)] * 3
     params = _params(shapes=shapes)
     ref_p, fus_p, ref_s, fus_s = _run_lamb(params, LAMB_KW, steps=2)
@@ -156,7 +173,7 @@ def test_lamb_many_small_tensors(isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lamb_low_precision_with_masters(dtype, isa):
+def test_lamb_low_precision_with_masters(dtype, isa, block):
     params = _params(dtype)
     ref_p, fus_p, ref_s, fus_s = _run_lamb(params, LAMB_KW, masters=True)
     for i, (a, b) in enumerate(zip(ref_p, fus_p)):
@@ -266,6 +283,71 @@ def test_lamb_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_cache_blocking_is_bit_identical(algo):
+    """Blocked stepping (pass A, ratios, pass B per block of tensors) sums every tensor's norms over the same
+    chunks in the same order as one block of everything, so parameters, state and statistics are identical."""
+    shapes = [(3,), (40000,), (17,), (0,), (300, 70), (5,)] + [(1 + i,) for i in range(40)]
+    params = _params(shapes=shapes)
+    fn, call, kw = ((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (_fused_lars, _lars_call, LARS_KW))
+    out = {}
+    try:
+        for blk in (0, 1, 100, 20000, 10**9):
+            torch.ops.lamb_cpu.set_cache_block(blk)
+            p = [x.clone() for x in params]
+            st = _state(p)
+            for step in range(3):
+                call(fn, p, _grads(params, step), st, **kw)
+            out[blk] = p + [s[k] for s in st for k in ("m", "v", "tr", "wn", "un", "step")]
+    finally:
+        torch.ops.lamb_cpu.set_cache_block(-1)
+    for blk, tensors in out.items():
+        for i, (a, b) in enumerate(zip(out[0], tensors)):
+            assert torch.equal(a, b), f"block {blk}: tensor {i} differs from the unblocked step"
+
+
+def test_default_cache_block_follows_the_cache_size():
+    # The default: the largest power of two in [256Ki, 2Mi] elements whose 20 B an element fill at most half
+    # the last-level cache, 1Mi where the cache size is unknown (cuda/lamb_cpu.cpp, default_block).
+    getconf = shutil.which("getconf")
+    if getconf is None:
+        pytest.skip("no getconf to read the last-level cache size")
+    out = subprocess.run([getconf, "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+    llc = int(out) if out.isdigit() else 0  # glibc's getconf prints sysconf(_SC_LEVEL3_CACHE_SIZE)
+    if llc <= 0:
+        expected = 1 << 20
+    else:
+        expected = 1 << 18
+        while expected * 2 <= 1 << 21 and expected * 2 * 40 <= llc:
+            expected *= 2
+    prev = torch.ops.lamb_cpu.set_cache_block(-1)
+    try:
+        assert torch.ops.lamb_cpu.set_cache_block(-1) == expected
+        assert torch.ops.lamb_cpu.set_cache_block(12345) == expected
+        assert torch.ops.lamb_cpu.set_cache_block(-1) == 12345
+    finally:
+        torch.ops.lamb_cpu.set_cache_block(prev)
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_check_finite_skips_the_whole_step_with_small_blocks(algo):
+    # A NaN in the last tensor must stop the step before the first block is written: check_finite steps
+    # in one block whatever the block size.
+    params = _params(shapes=[(30000,), (30000,), (7,)])
+    fn, call, kw = ((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (_fused_lars, _lars_call, LARS_KW))
+    p = [x.clone() for x in params]
+    st = _state(p)
+    grads = _grads(params, 0)
+    grads[-1][3] = float("nan")
+    try:
+        torch.ops.lamb_cpu.set_cache_block(100)
+        call(fn, p, grads, st, **kw, check_finite=True)
+    finally:
+        torch.ops.lamb_cpu.set_cache_block(-1)
+    for a, b, s in zip(params, p, st):
+        assert torch.equal(a, b) and not s["m"].any() and s["step"].item() == 0
+
+
 # ------------------------------------------------------------------------------------------- LARS
 LARS_KW = dict(lr=0.5, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001, eps=0.0, nesterov=False,
                denominator="sum", trust_clip=False, adapt=True, maximize=False)
@@ -284,7 +366,7 @@ LARS_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(LARS_VARIANTS))
-def test_lars_fp32_matches_reference(variant, isa):
+def test_lars_fp32_matches_reference(variant, isa, block):
     kw = {**LARS_KW, **LARS_VARIANTS[variant]}
     params = _params()
     ref_p, fus_p = [p.clone() for p in params], [p.clone() for p in params]

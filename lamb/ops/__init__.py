@@ -17,7 +17,7 @@ Sources are the repository's ``cuda/`` folder (editable install) or the copy shi
 Environment:
     LAMB_BUILD_OPS=1      build the extensions at ``pip install`` (setup.py).
     LAMB_OPS_VERBOSE=1    print the compiler's output while building.
-    LAMB_CPU_ISA=base     use the baseline-x86-64 CPU loops even where AVX2 is available.
+    LAMB_CPU_ISA=base|avx2|avx512  cap the CPU loops picked from cpuid (default: the best the CPU has).
     TORCH_CUDA_ARCH_LIST  GPU architectures of the CUDA build (default: the visible GPUs').
 """
 
@@ -55,7 +55,7 @@ class OpBuildError(RuntimeError):
 
 CPU_SOURCES = ["lamb_cpu.cpp"]
 CUDA_SOURCES = ["lamb_cuda_binding.cpp", "lamb_kernels.cu", "lars_kernels.cu"]
-# -O3 and OpenMP; no -march: the AVX2 loops are selected at run time (see cuda/lamb_cpu.cpp), so a cached
+# -O3 and OpenMP; no -march: the AVX2 / AVX-512 loops are selected at run time (see cuda/lamb_cpu.cpp), so a cached
 # build stays valid on another x86-64 machine. -fno-math-errno lets sqrt vectorise (no errno to set).
 CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 CPU_LDFLAGS = ["-fopenmp"]
