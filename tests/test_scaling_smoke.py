@@ -143,5 +143,11 @@ def test_smoke_experiment_end_to_end(tmp_path):
             png = tmp_path / f"{c.name}_{suffix}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the execution's wall clock is recorded beside the results and quoted in the table
+    sessions = json.loads((tmp_path / "timing.json").read_text())
+    assert len(sessions) == 1 and sessions[0]["runs"] == len(lines) and sessions[0]["wall_seconds"] > 0
+    assert f"- wall clock: {sessions[0]['wall_seconds'] / 60:.1f} min in 1 execution(s) ({len(lines)} runs" in table
+
     assert experiment.main(argv) == 0          # everything is in results.jsonl: nothing runs again
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(lines)
+    assert len(json.loads((tmp_path / "timing.json").read_text())) == 1  # an execution that ran nothing adds none

@@ -232,10 +232,14 @@ def main(argv=None) -> int:
               flush=True)
         if args.dry_run:
             return 0
+        n_before, t_exec, load0 = len(results), time.time(), os.getloadavg()[0]
         results = execute(cfgs, results, jsonl, args.workers, args.threads, per_run)
+        if len(results) > n_before:
+            record_session(out / "timing.json", cfgs, t_start, t_exec, time.time(), len(results) - n_before,
+                           args.workers, args.threads, load0)
 
     meta = {"workers": args.workers, "threads": args.threads, "descriptions": desc, "steps": steps,
-            "n_runs": len(results),
+            "n_runs": len(results), "sessions": load_sessions(out / "timing.json", cfgs),
             "train_hours": sum(r["train_seconds"] for r in results.values()) / 3600}
     from . import report
     table = report.write_table(out / "table.md", cfgs, results, command=command, meta=meta)
@@ -251,6 +255,29 @@ def main(argv=None) -> int:
     print(f"wrote {out / 'table.md'}, {', '.join(str(p) for ps in images.values() for p in ps)}; "
           f"{(time.time() - t_start) / 60:.1f} min")
     return 0
+
+
+def record_session(path: Path, cfgs: list[TaskConfig], t_start: float, t_exec: float, t_end: float, runs: int,
+                   workers: int, threads: int, load0: float) -> None:
+    """Append this execution's wall clock to ``timing.json`` (a killed and restarted experiment has several
+    sessions; the table reports their sum, the experiment's real duration on this machine)."""
+    import platform
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append({"fingerprints": {c.name: c.fingerprint() for c in cfgs}, "runs": runs,
+                     "wall_seconds": round(t_end - t_start, 1), "setup_seconds": round(t_exec - t_start, 1),
+                     "workers": workers, "threads": threads, "host": platform.node(),
+                     "load_at_start": round(load0, 2), "load_at_end": round(os.getloadavg()[0], 2),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start))})
+    path.write_text(json.dumps(sessions, indent=1) + "\n")
+
+
+def load_sessions(path: Path, cfgs: list[TaskConfig]) -> list[dict]:
+    """The recorded executions whose task fingerprints match these configs."""
+    if not path.exists():
+        return []
+    fps = {c.name: c.fingerprint() for c in cfgs}
+    return [s for s in json.loads(path.read_text())
+            if all(s.get("fingerprints", {}).get(k) == v for k, v in fps.items())]
 
 
 def results_for(results: dict, cfg: TaskConfig) -> list:
@@ -289,7 +316,6 @@ def execute(cfgs: list[TaskConfig], results: dict, jsonl: Path, workers: int, th
                             f"{rec['test_metric']:.1f}{' DIVERGED' if rec['diverged'] else ''}", refresh=False)
 
     if workers <= 1:
-        from . import train
         while True:
             runs, remaining = pending()
             if not runs:

@@ -90,6 +90,17 @@ def machine_info() -> dict:
             "lamb": lamb_version, "platform": platform.platform()}
 
 
+def _wall_line(sessions: list[dict]) -> str:
+    """The experiment's wall clock from the recorded executions (timing.json), with the load they started on."""
+    if not sessions:
+        return "- wall clock: not recorded (results from an earlier version of the experiment)"
+    total = sum(s["wall_seconds"] for s in sessions)
+    parts = "; ".join(f"{s['runs']} runs in {s['wall_seconds'] / 60:.1f} min on {s['workers']} worker(s), "
+                      f"load {s['load_at_start']:.1f} -> {s['load_at_end']:.1f}, started {s['started']}"
+                      for s in sessions)
+    return f"- wall clock: {total / 60:.1f} min in {len(sessions)} execution(s) ({parts})"
+
+
 def write_table(path: Path, cfgs: list[TaskConfig], results: dict, *, command: str, meta: dict) -> str:
     info = machine_info()
     lines = [
@@ -99,6 +110,7 @@ def write_table(path: Path, cfgs: list[TaskConfig], results: dict, *, command: s
         f"{meta.get('workers', 1)} worker process(es) x {meta.get('threads', 1)} thread(s)",
         f"- versions: python {info['python']}, torch {info['torch']}, lamb {info['lamb']}",
         f"- runs: {meta.get('n_runs', '?')}; training time {meta.get('train_hours', 0):.2f} core-hours",
+        _wall_line(meta.get("sessions") or []),
         "",
         "Protocol A (the LAMB paper's): lr tuned at the smallest batch on the validation split, then scaled by rule "
         "(square root for LAMB/AdamW; `lr0 (b/b0)^0.577` for LARS/SGD, the power law through the LARS paper's "
