@@ -50,7 +50,7 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     _moment_keys: tuple[str, ...] = ()
-    # Set by lamb.deepspeed.attach under ZeRO-1/2: cuts each flat partition into the original parameters.
+    # Set by lamb.deepspeed.attach under ZeRO-1/2/3: cuts each flat partition into the original parameters.
     _partition_layout: Any = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:

@@ -1,12 +1,13 @@
-"""trainers under DeepSpeed ZeRO-1/2 with LAMB (CPU, gloo, 2 ranks through the deepspeed launcher).
+"""trainers under DeepSpeed ZeRO-1/2/3 with LAMB (CPU, gloo, 2 ranks through the deepspeed launcher).
 
-``lamb.deepspeed.attach`` makes LAMB exact on ZeRO's flat partitions, so a ZeRO-1 or ZeRO-2 run equals a
-ZeRO-0 run on the same global batch up to the summation order of the gradients (the tolerance argument
-of tests/test_trainers_train.py: |a - b| <= 1e-5 + 1e-4 |b| after 4 steps). Resuming at the checkpoint's
-world size is DeepSpeed's own restore and must be bit-exact; resuming at another world size goes through
-the consolidated optimizer state saved with every ZeRO checkpoint and matches within the same tolerance.
+``lamb.deepspeed.attach`` makes LAMB exact on ZeRO's flat partitions (ZeRO-3: per-tensor shards), so a
+ZeRO-1, 2 or 3 run equals a ZeRO-0 run on the same global batch up to the summation order of the gradients
+(the tolerance argument of tests/test_trainers_train.py: |a - b| <= 1e-5 + 1e-4 |b| after 4 steps).
+Resuming at the checkpoint's world size is DeepSpeed's own restore and must be bit-exact; resuming at
+another world size goes through the consolidated optimizer state saved with every ZeRO checkpoint and
+matches within the same tolerance (ZeRO-1 and ZeRO-3: 2 ranks -> 1 process).
 
-Five launches (three of them 2-rank), about 2.5 minutes on two cores.
+Eleven launches (five of them 2-rank), about 3 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from test_trainers_train import assert_close, assert_equal, bert_recipe, final_params, metrics, run
 
+from trainers.checkpoint import model_states_file
+
 pytestmark = pytest.mark.distributed
 
 LAMB = {"name": "lamb", "lr": 0.01, "weight_decay": 0.01, "options": {"max_grad_norm": 1.0}}
@@ -26,10 +29,10 @@ LAMB = {"name": "lamb", "lr": 0.01, "weight_decay": 0.01, "options": {"max_grad_
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
-    """ZeRO-0 in one process, ZeRO-1 and ZeRO-2 on 2 ranks: same recipe, global batch 16, 4 steps."""
+    """ZeRO-0 in one process, ZeRO-1, 2 and 3 on 2 ranks: same recipe, global batch 16, 4 steps."""
     tmp = tmp_path_factory.mktemp("zero")
     out = {}
-    for name, stage, ranks in (("z0", 0, 1), ("z1", 1, 2), ("z2", 2, 2)):
+    for name, stage, ranks in (("z0", 0, 1), ("z1", 1, 2), ("z2", 2, 2), ("z3", 3, 2)):
         path, o = bert_recipe(tmp, name, optimizer=LAMB, deepspeed={"zero_stage": stage},
                               train={"max_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 3,
                                      "output_dir": str(tmp / f"out_{name}")})
@@ -38,7 +41,7 @@ def zero_runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["z1", "z2"])
+@pytest.mark.parametrize("name", ["z1", "z2", "z3"])
 def test_zero_equals_zero0(zero_runs, name):
     _, out, p = zero_runs[name]
     _, out0, _ = zero_runs["z0"]
@@ -58,8 +61,9 @@ def test_zero_equals_zero0(zero_runs, name):
         assert a["trust_ratio_mean"] == pytest.approx(b["trust_ratio_mean"], rel=1e-6)
     ts = json.loads((out / "checkpoints" / "step_00000004" / "trainer.json").read_text())
     assert ts["world_size"] == 2 and ts["zero_stage"] == int(name[1])
-    sd = torch.load(out / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert sd["lamb"]["format"] == "lamb.deepspeed/1"  # the world-size-independent optimizer state
+    # the world-size-independent optimizer state (ZeRO-3: in every rank's zero_pp_rank_<r> file)
+    sd = torch.load(model_states_file(out / "checkpoints" / "step_00000004"), weights_only=False)
+    assert sd["lamb"]["format"] == "lamb.deepspeed/1"
 
 
 def _rewind(src, dst, step):
@@ -86,14 +90,15 @@ def test_zero1_resume_is_bit_exact(zero_runs):
            [{k: v for k, v in r.items() if k not in strip} for r in metrics(out)]
 
 
-def test_zero1_resume_at_another_world_size(zero_runs):
-    path, out, _ = zero_runs["z1"]
+@pytest.mark.parametrize("name", ["z1", "z3"])
+def test_zero_resume_at_another_world_size(zero_runs, name):
+    path, out, _ = zero_runs[name]
     _, out0, _ = zero_runs["z0"]
     tmp = zero_runs["tmp"]
-    dst = tmp / "resume_one"
+    dst = tmp / f"resume_one_{name}"
     _rewind(out, dst, 2)
     p = run(["train", str(path), f"train.output_dir={dst}"], tmp, ranks=1)  # 2 ranks -> 1 process
-    assert "resumed at world size 1 (ZeRO 1) from its consolidated optimizer state" in p.stdout
+    assert f"resumed at world size 1 (ZeRO {name[1]}) from its consolidated optimizer state" in p.stdout
     assert_close(final_params(dst), final_params(out))
     assert_close(final_params(dst), final_params(out0))
     m, m_full = metrics(dst), metrics(out)
@@ -102,25 +107,60 @@ def test_zero1_resume_at_another_world_size(zero_runs):
         assert a["lr"] == b["lr"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_phase2_init_from_a_zero_run(zero_runs):
-    # phase 1 at ZeRO-1 on 2 ranks, phase 2 in one process at ZeRO-0 with another sequence length:
-    # its initial state (--stop-at-step 0) holds phase 1's weights and moments with the step at 0
-    _, out1, _ = zero_runs["z1"]
+@pytest.mark.parametrize("name, stage, ranks", [("z3", 0, 1), ("z1", 3, 2)])
+def test_zero_resume_at_another_stage(zero_runs, name, stage, ranks):
+    # Moves DeepSpeed's loader cannot make (a ZeRO-3 checkpoint at stage 0, a ZeRO-1 one at stage 3): the
+    # weights and moments come from the consolidated state, the rest from rank 0's model-states file.
+    path, out, _ = zero_runs[name]
+    _, out0, _ = zero_runs["z0"]
     tmp = zero_runs["tmp"]
-    path, out2 = bert_recipe(tmp, "phase2", optimizer=LAMB, data={"seq_len": 48, "max_predictions_per_seq": 8},
-                             train={"max_steps": 2, "init_from": str(out1), "output_dir": str(tmp / "p2")})
+    dst = tmp / f"resume_{name}_at_z{stage}"
+    _rewind(out, dst, 2)
+    p = run(["train", str(path), f"train.output_dir={dst}", f"deepspeed.zero_stage={stage}"], tmp, ranks=ranks)
+    assert (f"resumed at world size {ranks} (ZeRO {stage}) from its consolidated optimizer state") in p.stdout
+    assert_close(final_params(dst), final_params(out0))
+    m, m_full = metrics(dst), metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    for a, b in zip(m[2:], m_full[2:]):
+        assert a["lr"] == b["lr"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["z1", "z3"])
+def test_phase2_init_from_a_zero_run(zero_runs, name):
+    # phase 1 at ZeRO-1 or ZeRO-3 on 2 ranks, phase 2 in one process at ZeRO-0 with another sequence length:
+    # its initial state (--stop-at-step 0) holds phase 1's weights and moments with the step at 0. A ZeRO-3
+    # checkpoint holds only shards of the module; the weights come from its consolidated state, and the
+    # tied decoder weight (one parameter, two state-dict names) from the word embeddings.
+    _, out1, _ = zero_runs[name]
+    tmp = zero_runs["tmp"]
+    path, out2 = bert_recipe(tmp, f"phase2_{name}", optimizer=LAMB, data={"seq_len": 48, "max_predictions_per_seq": 8},
+                             train={"max_steps": 2, "init_from": str(out1), "output_dir": str(tmp / f"p2_{name}")})
     p = run(["train", str(path), "--stop-at-step", "0"], tmp)
     assert "initialised from" in p.stdout
-    src = torch.load(out1 / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    src = torch.load(model_states_file(out1 / "checkpoints" / "step_00000004"), weights_only=False)
     new = torch.load(out2 / "checkpoints" / "step_00000000" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert_equal(new["module"], src["module"])
+    if name == "z1":
+        assert_equal(new["module"], src["module"])
+    else:
+        final = final_params(out1)  # phase 1's whole weights at step 4, gathered by the trainer
+        assert set(final) <= set(new["module"])
+        for k, v in final.items():
+            assert torch.equal(new["module"][k], v), k
+        tied = [k for k in new["module"] if k not in final]  # save_pretrained writes a tied tensor once
+        assert any(k.endswith("decoder.weight") for k in tied), tied
+        emb = next(k for k in final if k.endswith("word_embeddings.weight"))
+        for k in tied:
+            v = new["module"][k]
+            want = final[emb] if k.endswith("decoder.weight") else next(
+                (x for x in final.values() if x.shape == v.shape and torch.equal(x, v)), None)
+            assert want is not None and torch.equal(v, want), k
     opt = new["optimizer"]
     n = 0
     for g in opt["param_groups"]:
-        for name, pid in zip(g["param_names"], g["params"]):
-            st, ref = opt["state"][pid], src["lamb"]["state"][name]
+        for pname, pid in zip(g["param_names"], g["params"]):
+            st, ref = opt["state"][pid], src["lamb"]["state"][pname]
             assert float(st["step"]) == 0.0
             for k in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(st[k], ref[k]), (name, k)
+                assert torch.equal(st[k], ref[k]), (pname, k)
             n += 1
     assert n == len(src["lamb"]["state"])

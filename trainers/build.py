@@ -94,7 +94,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(recipe, world_size: int) -> dict:
     """The DeepSpeed config, generated (never hand-written): batch arithmetic, clipping, ZeRO, precision.
 
-    ZeRO-1/2 with LAMB/LARS (made exact by ``lamb.deepspeed.attach``) need ``zero_allow_untested_optimizer``;
+    ZeRO-1/2/3 with LAMB/LARS (made exact by ``lamb.deepspeed.attach``) need ``zero_allow_untested_optimizer``;
     ZeRO-Offload needs ``zero_force_ds_cpu_optimizer: false`` (else DeepSpeed swaps in its CPU Adam);
     ``gradient_clipping`` is ``train.grad_clip`` (0 unless set: DeepSpeed's own default would be 1.0, which
     together with ``max_grad_norm`` would normalise twice).

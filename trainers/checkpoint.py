@@ -14,11 +14,16 @@ checkpoint and the file. Old checkpoints are pruned to the last ``keep``.
 The output directory must be shared by all ranks (as DeepSpeed's own checkpoints assume).
 
 World size and ZeRO: at the checkpoint's own world size and stage DeepSpeed restores everything itself
-(bit-exact). Under ZeRO-1/2 with LAMB/LARS the client state also holds
+(bit-exact). Under ZeRO-1/2/3 with LAMB/LARS the client state also holds
 ``lamb.deepspeed.consolidated_state_dict`` (key ``"lamb"``: every parameter's fp32 value, step and moments
 by name), so a run can resume at another world size or stage: DeepSpeed then loads the model and the lr
 scheduler only (``load_optimizer_states=False``; 0.19.8 cannot re-partition a client optimizer) and the
 optimizer state comes from that copy. A stage-0 checkpoint holds the whole optimizer state anyway.
+ZeRO-3 checkpoints are written per rank (``zero_pp_rank_<r>_mp_rank_00_model_states.pt``, whose module
+entries hold only shards) and DeepSpeed reads them only at stage 3 with no more ranks than were saved;
+every other move to or from stage 3 skips DeepSpeed's loader: the weights come from the consolidated copy
+(``param``), the buffers, lr scheduler and step counters from rank 0's model-states file
+(:meth:`Checkpointer._load_by_name`).
 
 :func:`read_named_state` reads a checkpoint's weights and per-parameter optimizer state by name, whatever
 the world size and stage it was written with; ``train.init_from`` (BERT phase 2) starts from it.
@@ -193,10 +198,17 @@ class Checkpointer:
         state = json.loads((self.dir / tag / "trainer.json").read_text())
         saved_world, saved_stage = state.get("world_size", world_size), state.get("zero_stage", 0)
         native = (saved_world == world_size and saved_stage == zero_stage) or saved_stage == zero_stage == 0
-        path, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=native,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise CheckpointError(f"checkpoint {self.dir / tag}: DeepSpeed could not load it")
+        ckpt = self.dir / tag
+        # DeepSpeed's loader reads <dir>/<tag>/ with this stage's file names, one file per rank at stage 3.
+        ds_loads = (saved_stage != 3 and zero_stage != 3) or (
+            saved_stage == zero_stage == 3 and (ckpt / _zero3_states_file(world_size - 1)).exists())
+        if ds_loads:
+            path, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=native,
+                                                  load_lr_scheduler_states=True)
+            if path is None:
+                raise CheckpointError(f"checkpoint {self.dir / tag}: DeepSpeed could not load it")
+        else:
+            client = self._load_by_name(engine, ckpt, zero_stage)
         if not native:
             sd = (client or {}).get("lamb")
             if sd is None:
@@ -213,7 +225,7 @@ class Checkpointer:
             if self.rank == 0:
                 print(f"note: checkpoint from world size {saved_world} (ZeRO {saved_stage}) resumed at world size "
                       f"{world_size} (ZeRO {zero_stage}) from its consolidated optimizer state", flush=True)
-        rng = self.dir / tag / f"rng_rank{self.rank}.pt"
+        rng = ckpt / f"rng_rank{self.rank}.pt"
         if rng.exists():
             set_rng_state(torch.load(rng, weights_only=True))
         else:
@@ -221,8 +233,71 @@ class Checkpointer:
         return state
 
 
+    @staticmethod
+    def _load_by_name(engine, ckpt: Path, zero_stage: int) -> dict:
+        """What ``engine.load_checkpoint(load_optimizer_states=False)`` restores, without DeepSpeed's loader.
+
+        For the moves DeepSpeed 0.19.8 cannot load (to or from ZeRO-3, or stage 3 at more ranks than saved).
+        Needs the consolidated optimizer state (it holds the only whole copy of a stage-3 run's weights);
+        the weights reach the module here (stages 0-2) or through ``load_consolidated_state_dict`` (stage
+        3, which writes the shards). Returns the client state, as DeepSpeed's loader would.
+        """
+        sd = torch.load(model_states_file(ckpt), map_location="cpu", weights_only=False)
+        if sd.get("lamb") is None:
+            raise CheckpointError(f"checkpoint {ckpt} holds no consolidated optimizer state (client key 'lamb'), "
+                                  f"and DeepSpeed cannot load it at ZeRO stage {zero_stage} and this world size "
+                                  "(it reads ZeRO-3 checkpoints only at stage 3 with at most the saved ranks)")
+        state, module = sd["lamb"]["state"], engine.module
+        with torch.no_grad():
+            # By the module's own names, not its state dict: a tied parameter (BERT's decoder weight) has
+            # one name in named_parameters and in the consolidated state, but two state-dict entries, the
+            # second a ZeRO-3 placeholder.
+            buffers = dict(module.named_buffers())
+            for name, value in sd["module"].items():
+                if name in buffers:  # not sharded by ZeRO-3: whole in every checkpoint
+                    buffers[name].copy_(value)
+            if zero_stage != 3:  # at stage 3 load_consolidated_state_dict writes the parameters' shards
+                for name, p in module.named_parameters():
+                    if name not in state or "param" not in state[name]:
+                        raise CheckpointError(f"checkpoint {ckpt}: no fp32 value for parameter {name!r}")
+                    p.copy_(state[name]["param"].view_as(p).to(p.dtype))
+        sched = getattr(engine, "lr_scheduler", None)
+        if sched is not None and sd.get("lr_scheduler") is not None:
+            sched.load_state_dict(sd["lr_scheduler"])
+        engine.global_steps = sd["global_steps"]
+        engine.global_samples = sd.get("global_samples", engine.global_steps * engine.train_batch_size())
+        engine.skipped_steps = sd["skipped_steps"]
+        return {k: v for k, v in sd.items() if k not in ("module", "optimizer", "lr_scheduler")}
+
+
 # ---------------------------------------------------------------------------------------------- by name
 _NOT_MOMENTS = {"step", "param", "trust_ratio", "weight_norm", "update_norm", "master_param"}
+
+
+def _zero3_states_file(rank: int) -> str:
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def model_states_file(ckpt: Path) -> Path:
+    """Rank 0's DeepSpeed model-states file: ``mp_rank_00_model_states.pt``, at ZeRO-3 one per rank."""
+    for name in ("mp_rank_00_model_states.pt", _zero3_states_file(0)):
+        if (Path(ckpt) / name).exists():
+            return Path(ckpt) / name
+    raise CheckpointError(f"checkpoint {ckpt}: no mp_rank_00_model_states.pt (nor a ZeRO-3 {_zero3_states_file(0)})")
+
+
+def _whole_weights(module_sd: dict, lamb_state: dict | None) -> dict:
+    """The module's state dict with every parameter covered by the consolidated state replaced by its fp32
+    value: a ZeRO-3 checkpoint's module entries are shards (empty placeholders) except for the parameters
+    DeepSpeed keeps whole, and under ZeRO the fp32 value is the master the run continues from."""
+    if not lamb_state:
+        return module_sd
+    out = dict(module_sd)
+    for name, value in module_sd.items():
+        st = lamb_state.get(name)
+        if st is not None and "param" in st:
+            out[name] = st["param"].to(value.dtype)
+    return out
 
 
 def read_named_state(ckpt: Path) -> tuple[dict, dict]:
@@ -232,14 +307,12 @@ def read_named_state(ckpt: Path) -> tuple[dict, dict]:
     the consolidated ZeRO copy (client key ``"lamb"``) or, for stage 0, DeepSpeed's copy of the optimizer's
     ``state_dict()`` mapped through the param groups' ``param_names``.
     """
-    f = Path(ckpt) / "mp_rank_00_model_states.pt"
-    if not f.exists():
-        raise CheckpointError(f"checkpoint {ckpt}: no {f.name}")
+    f = model_states_file(ckpt)
     # our own checkpoint (verified by its manifest); DeepSpeed's file holds non-tensor objects
     sd = torch.load(f, map_location="cpu", weights_only=False)
     weights = sd["module"]
     if sd.get("lamb") is not None:
-        return weights, sd["lamb"]["state"]
+        return _whole_weights(weights, sd["lamb"]["state"]), sd["lamb"]["state"]
     opt = sd.get("optimizer")
     if not opt or "state" not in opt:
         raise CheckpointError(f"checkpoint {ckpt}: holds no optimizer state by parameter (a ZeRO checkpoint "

@@ -175,10 +175,12 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
-# ZeRO-1/2 flatten whole tensors into per-rank partitions; lamb.deepspeed.attach recovers each tensor's
-# exact norms there. ZeRO-3 shards every tensor separately, which lamb.deepspeed does not cover.
-ZERO_REFUSAL = ("{name} computes a per-layer trust ratio over whole tensors; ZeRO-3 shards each tensor; "
-                "lamb.deepspeed supports stages 1 and 2 (use deepspeed.zero_stage: 1 or 2)")
+# ZeRO-1/2 flatten whole tensors into per-rank partitions, ZeRO-3 shards every tensor; lamb.deepspeed.attach
+# recovers each tensor's exact norms from either, as long as the fp32 partitions stay in memory between
+# steps: ZeRO-3's NVMe optimizer offload swaps them (and their state) out, which attach does not follow.
+NVME_REFUSAL = ("{name} computes a per-layer trust ratio over whole tensors from the fp32 partitions that "
+                "lamb.deepspeed reads in memory; NVMe offload swaps them out between steps (use "
+                "deepspeed.offload_optimizer: true, the CPU)")
 
 
 class Recipe(dict):
@@ -347,10 +349,12 @@ def _cross_checks(r: dict, world_size: int, errors: list[str]):
                       "checkpoints by itself)")
     ds = r["deepspeed"]
     stage = ds["zero_stage"]
-    if stage == 3 and o["name"] in ("lamb", "lars"):
-        errors.append("deepspeed.zero_stage: " + ZERO_REFUSAL.format(name=o["name"].upper()))
-    if ds["offload_optimizer"] and stage not in (1, 2):
-        errors.append(f"deepspeed.offload_optimizer: needs deepspeed.zero_stage 1 or 2 (got {stage})")
+    device = ((ds["config"].get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    if device == "nvme" and o["name"] in ("lamb", "lars"):
+        errors.append("deepspeed.config.zero_optimization.offload_optimizer.device: nvme: "
+                      + NVME_REFUSAL.format(name=o["name"].upper()))
+    if ds["offload_optimizer"] and stage not in (1, 2, 3):
+        errors.append(f"deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (got {stage})")
     if t["grad_clip"] > 0 and o["options"].get("max_grad_norm") is not None:
         errors.append(f"train.grad_clip / optimizer.options.max_grad_norm: both set ({t['grad_clip']} and "
                       f"{o['options']['max_grad_norm']}); each normalises the global gradient norm, together they "

@@ -8,6 +8,7 @@ the same global batch is seen whatever the world size or micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -154,6 +155,16 @@ def param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def whole_params(module: torch.nn.Module, zero_stage: int):
+    """Context in which every parameter holds its full value: ZeRO-3 keeps only shards outside the forward
+    and backward, so it gathers them (a collective: every rank enters it) and re-partitions on exit."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
+
+
 def _log0(rank, msg):
     if rank == 0:
         print(msg, flush=True)
@@ -221,7 +232,7 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
                                            config=deepspeed_config(recipe, world))
     layout = None
     if isinstance(optimizer, (lamb.Lamb, lamb.Lars)):
-        # ZeRO-1/2: per-parameter trust ratios on DeepSpeed's flat partitions (a no-op without partitions)
+        # ZeRO-1/2/3: per-parameter trust ratios on DeepSpeed's flat partitions (a no-op without partitions)
         layout = lamb.deepspeed.attach(engine, optimizer)
 
     start, run_id, target_step = 0, None, None
@@ -334,7 +345,10 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
                              "value": recipe["tracking"]["target_value"], "reached_step": target_step}
     import resource
 
-    mine = (param_digest(engine.module), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with whole_params(engine.module, stage):
+        mine = (param_digest(engine.module), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if rank == 0 and step == steps:  # the trained model, loadable with transformers' from_pretrained
+            engine.module.save_pretrained(str(out / "final"))
     gathered = [None] * world
     if world > 1:
         dist.all_gather_object(gathered, mine)
@@ -343,8 +357,6 @@ def train(recipe_path: str, overrides: list[str], stop_at_step: int | None = Non
     digests = [g[0] for g in gathered]
     if rank == 0:
         summary["peak_rss_mib_per_rank"] = [round(g[1], 1) for g in gathered]
-        if step == steps:  # the trained model, loadable with transformers' from_pretrained
-            engine.module.save_pretrained(str(out / "final"))
         summary["param_sha256_per_rank"] = digests
         summary["ranks_identical"] = len(set(digests)) == 1
         if not summary["ranks_identical"]:
@@ -377,10 +389,29 @@ def _read_init(src: str, rank: int) -> dict:
     return {"path": c.dir / tag, "step": meta.get("step"), "weights": weights, "state": state}
 
 
+def _fill_tied_placeholders(own: dict, weights: dict) -> dict:
+    """A ZeRO-3 checkpoint stores each parameter's shard only, and the consolidated state that makes the
+    weights whole again holds a tied parameter (BERT's decoder weight = the word embeddings) under its first
+    name only: the second name keeps an empty placeholder. Give it the value of the name it is tied to (the
+    two state-dict entries of a tied parameter share storage in the model being loaded)."""
+    tied: dict[int, list[str]] = {}
+    for k, v in own.items():
+        if v.numel():
+            tied.setdefault(v.data_ptr(), []).append(k)
+    out = dict(weights)
+    for names in tied.values():
+        whole = next((out[n] for n in names if n in out and out[n].shape == own[n].shape), None)
+        for n in names:
+            if whole is not None and n in out and out[n].numel() == 0:
+                out[n] = whole
+    return out
+
+
 def _load_weights(model, weights: dict, src: str, where: str):
     from .recipe import RecipeError
 
     own = model.state_dict()
+    weights = _fill_tied_placeholders(own, weights)
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
     if missing or extra:
