@@ -140,6 +140,12 @@ def ddp_worker(recipe_path: str, out: str):
     dist.destroy_process_group()
 
 
+def cpu_model() -> str:
+    from bench_step import machine  # the model name from /proc/cpuinfo (benchmarks/ is on sys.path here)
+
+    return machine()["cpu"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
@@ -179,7 +185,7 @@ def main():
               flush=True)
 
     res = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
                     "backend": "gloo, CPU, 2 ranks, OMP_NUM_THREADS=1 per rank"},
