@@ -50,10 +50,11 @@ constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum bu
 
 // Default cache block: the largest power of two between 256Ki and 2Mi elements whose pass-A data (20 B an
 // element: g, w, m, v and the scratch u) fill at most half the last-level cache, 1Mi where the cache size is
-// unknown.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md): on a 2-vCPU Intel Xeon
-// VM (AVX-512, a 480 MiB L3 shared with other tenants) 2Mi and 4Mi were best and 512Ki 3-5% slower; on a
-// 2-core AMD EPYC Zen 4 with a 32 MiB L3 (512Ki by this rule) 256Ki..1Mi were within 1% and 4Mi lost most of
-// the gain.  The 2Mi cap bounds the per-thread scratch (8 MiB).
+// unknown.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md, xeon/fused_cpu_pair.md):
+// on a 2-vCPU Intel Xeon VM (AVX-512, a 480 MiB L3 shared with other tenants) 1Mi, 2Mi and 4Mi were the
+// fastest, in an order that changed between runs, and 512Ki about 5% slower than the best; on a 2-core AMD
+// EPYC Zen 4 with a 32 MiB L3 (512Ki by this rule) 256Ki..1Mi were within 1% and 4Mi lost most of the gain.
+// The 2Mi cap bounds the per-thread scratch (8 MiB).
 constexpr int64_t kMinBlock = int64_t{1} << 18;
 constexpr int64_t kMaxBlock = int64_t{1} << 21;
 constexpr int64_t kUnknownCacheBlock = int64_t{1} << 20;
