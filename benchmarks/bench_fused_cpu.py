@@ -2,9 +2,9 @@
 
     python benchmarks/bench_fused_cpu.py [--repeats 5] [--layers 9] [--hidden 512] [--no-compiled]
 
-Peers in the same run: lamb.Lamb fused (and fused with its cache blocking off) / foreach / reference, torch.compile of the foreach step, timm's
-Lamb, torch-optimizer's Lamb, and torch.optim.AdamW(fused=True) as the yardstick (one pass, 28 bytes a
-parameter; fused LAMB moves 40). Times: every backend in one process, stepped round-robin (so load from
+Peers in the same run: lamb.Lamb fused (and fused with its cache blocking off) / foreach / reference,
+torch.compile of the foreach step, timm's Lamb, torch-optimizer's Lamb, and torch.optim.AdamW(fused=True) as
+the yardstick (one pass, 28 bytes a parameter; fused LAMB moves 40). Times: every backend in one process, stepped round-robin (so load from
 other jobs on a shared machine hits them alike), min over repeats. Memory: each backend again in its own
 subprocess, recording the peak resident memory added by stepping (VmHWM after two steps minus VmRSS
 before, the peak reset through /proc/self/clear_refs). Writes benchmarks/results/fused_cpu.{json,md}.
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ["lamb_fused", "lamb_fused_unblocked", "lamb_foreach", "lamb_compiled", "lamb_reference", "timm_lamb", "torch_optimizer_lamb",
-            "torch_adamw_fused"]
+BACKENDS = ["lamb_fused", "lamb_fused_unblocked", "lamb_foreach", "lamb_compiled", "lamb_reference", "timm_lamb",
+            "torch_optimizer_lamb", "torch_adamw_fused"]
 
 
 def bert_shapes(layers: int, hidden: int, vocab: int = 30522, positions: int = 512) -> list[tuple[int, ...]]:
@@ -60,20 +60,17 @@ def make(backend: str, layers: int, hidden: int):
     if backend.startswith("lamb_"):
         import lamb
 
-        # lamb_fused@<elems>: the fused kernel with a cache block of <elems> elements (--blocks sweeps it)
-        block = int(backend.split("@")[1]) if backend.startswith("lamb_fused@") else None
-        flags = {"lamb_fused": dict(fused=True), "lamb_fused_unblocked": dict(fused=True),
-                 "lamb_foreach": dict(foreach=True),
-                 "lamb_compiled": dict(foreach=True), "lamb_reference": dict(foreach=False)}.get(
-                     backend, dict(fused=True) if block is not None else None)
-        if flags is None:
-            raise ValueError(backend)
+        # The fused kernel with a set cache block: lamb_fused@<elems> (--blocks sweeps it), and
+        # lamb_fused_unblocked (block 0, blocking off: what blocking gains).
+        block = 0 if backend == "lamb_fused_unblocked" else (
+            int(backend.split("@")[1]) if backend.startswith("lamb_fused@") else None)
+        flags = dict(fused=True) if block is not None else {
+            "lamb_fused": dict(fused=True), "lamb_foreach": dict(foreach=True),
+            "lamb_compiled": dict(foreach=True), "lamb_reference": dict(foreach=False)}[backend]
         opt = lamb.Lamb(params, eps=1e-6, **kw, **flags)
         step = opt.step
         if backend == "lamb_compiled":
             step = torch.compile(opt.step)
-        if backend == "lamb_fused_unblocked":  # the same kernel with cache blocking off: what blocking gains
-            block = 0
         if block is not None:
             def step(_step=opt.step, _block=block):
                 prev = torch.ops.lamb_cpu.set_cache_block(_block)

@@ -262,6 +262,25 @@ static std::vector<size_t> cache_blocks(const std::vector<TensorRef>& ts, bool b
   return bounds;
 }
 
+// Run step_block(block, i0, n) on each cache block of ts in order (tensors i0 .. i0 + n - 1; the whole list
+// in one block where !blocked); a step_block that returns false ends the step there.
+template <class F>
+static void for_each_block(const std::vector<TensorRef>& ts, bool blocked, const F& step_block) {
+  const std::vector<size_t> bounds = cache_blocks(ts, blocked);
+  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
+    const size_t i0 = bounds[b], n = bounds[b + 1] - i0;
+    std::vector<TensorRef> block(ts.begin() + i0, ts.begin() + i0 + n);
+    if (!step_block(block, i0, n)) return;
+  }
+}
+
+// Whether every tensor's gradient statistic (the third of its three pass-A sums) is finite.
+static bool gradients_finite(const std::vector<double>& sums) {
+  for (size_t i = 2; i < sums.size(); i += 3)
+    if (!std::isfinite(sums[i])) return false;
+  return true;
+}
+
 // The update scratch of the blocked one-call LAMB step: a block of at most g_block elements keeps u in a
 // per-thread buffer of the block's size (at most g_block floats, 8 MiB at most by default; reused across steps,
 // so nothing is allocated that grows with the parameter count).  Pass A writes it while the block's data
@@ -448,21 +467,17 @@ void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   float gscale = 1.0f;
   if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
   lamb_coefs(ts, state_steps, hp);
-  const std::vector<size_t> bounds = cache_blocks(ts, /*blocked=*/!check_finite);
-  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
-    const size_t i0 = bounds[b], n = bounds[b + 1] - i0;
-    std::vector<TensorRef> block(ts.begin() + i0, ts.begin() + i0 + n);
+  for_each_block(ts, /*blocked=*/!check_finite, [&](std::vector<TensorRef>& block, size_t i0, size_t n) {
     if (!check_finite) attach_scratch(block);
     const std::vector<int64_t> prefix = chunk_prefix(block);
     const std::vector<double> sums = lamb_sums(block, prefix, hp, gscale, /*write=*/!check_finite);
-    if (check_finite) {  // one block: nothing written yet, so a non-finite gradient skips the whole step
-      for (size_t i = 0; i < n; ++i)
-        if (!std::isfinite(sums[i * 3 + 2])) return;
-    }
+    // check_finite steps in one block: nothing written yet, so a non-finite gradient skips the whole step
+    if (check_finite && !gradients_finite(sums)) return false;
     lamb_apply_all(block, prefix, hp, gscale, check_finite, sums.data(), sums.data() + 1, 3,
                    state_steps.slice(i0, n), trust_ratios.slice(i0, n), weight_norms.slice(i0, n),
                    update_norms.slice(i0, n));
-  }
+    return true;
+  });
 }
 
 // ---------------------------------------------------------------------------------------- split steps
@@ -590,19 +605,15 @@ void lars_step(at::TensorList params, at::TensorList grads, at::TensorList momen
   float gscale = 1.0f;
   if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
   const LarsParams lp = lars_params(LARS_HP_PASS);
-  const std::vector<size_t> bounds = cache_blocks(ts, /*blocked=*/!check_finite);
-  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
-    const size_t i0 = bounds[b], n = bounds[b + 1] - i0;
-    std::vector<TensorRef> block(ts.begin() + i0, ts.begin() + i0 + n);
+  for_each_block(ts, /*blocked=*/!check_finite, [&](std::vector<TensorRef>& block, size_t i0, size_t n) {
     const std::vector<int64_t> prefix = chunk_prefix(block);
     const std::vector<double> sums = lars_sums(block, prefix, lp, gscale);
-    if (check_finite) {  // one block: pass A only reads, so a non-finite gradient skips the whole step
-      for (size_t i = 0; i < n; ++i)
-        if (!std::isfinite(sums[i * 3 + 2])) return;
-    }
+    // check_finite steps in one block and pass A only reads: a non-finite gradient skips the whole step
+    if (check_finite && !gradients_finite(sums)) return false;
     lars_apply_all(block, prefix, lp, gscale, sums.data(), sums.data() + 1, 3, state_steps.slice(i0, n),
                    trust_ratios.slice(i0, n), weight_norms.slice(i0, n), update_norms.slice(i0, n));
-  }
+    return true;
+  });
 }
 
 // As lamb_pass_a / lamb_pass_b: sq_norms = [||w_i||^2 .., ||g_i||^2 (or ||g_i + wd w_i||^2) ..]; pass A
