@@ -1,13 +1,21 @@
 """Time one optimizer step on CPU for a BERT-shaped parameter set: fused LAMB vs its peers.
 
-    python benchmarks/bench_fused_cpu.py [--repeats 5] [--layers 9] [--hidden 512] [--no-compiled]
+    python benchmarks/bench_fused_cpu.py [--rounds 5] [--repeats 3] [--layers 9] [--hidden 512] [--no-compiled]
 
 Peers in the same run: lamb.Lamb fused (and fused with its cache blocking off) / foreach / reference,
 torch.compile of the foreach step, timm's Lamb, torch-optimizer's Lamb, and torch.optim.AdamW(fused=True) as
-the yardstick (one pass, 28 bytes a parameter; fused LAMB moves 40). Times: every backend in one process, stepped round-robin (so load from
-other jobs on a shared machine hits them alike), min over repeats. Memory: each backend again in its own
-subprocess, recording the peak resident memory added by stepping (VmHWM after two steps minus VmRSS
-before, the peak reset through /proc/self/clear_refs). Writes benchmarks/results/fused_cpu.{json,md}.
+the yardstick (one pass, 28 bytes a parameter; fused LAMB moves 40).
+
+Times: every backend in one process, in rounds. Within a round the backends are stepped round-robin
+(``--repeats`` steps each), so load from other jobs on a shared machine hits them alike. Between rounds every
+backend's tensors (parameters, gradients, optimizer state) move to fresh allocations, the backends taking
+turns in a shuffled order: where a tensor's pages land in memory changes a memory-bound step by up to ~10%
+on these VMs (two identical fused optimizers created at different times in one process differed by 9%), so
+one allocation per backend would mix that luck into the comparison. Reported per backend: the min and median
+step over all rounds, and per round its best step over lamb_fused's best step in the same round ("paired"),
+as the median over rounds with the range. Memory: each backend again in its own subprocess, recording the
+peak resident memory added by stepping (VmHWM after two steps minus VmRSS before, the peak reset through
+/proc/self/clear_refs). Writes benchmarks/results/fused_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -47,7 +56,7 @@ def _status(key: str) -> int:
 
 
 def make(backend: str, layers: int, hidden: int):
-    """(step function, parameter count, tensor count) for one backend on its own copy of the parameters."""
+    """(step function, parameters, optimizer) for one backend on its own copy of the parameters."""
     import torch
 
     torch.manual_seed(0)
@@ -92,12 +101,32 @@ def make(backend: str, layers: int, hidden: int):
         raise ValueError(backend)
     step = step or opt.step
     step()  # warm-up: state allocation, kernel build/load, compilation
-    return step, n, len(params)
+    if backend == "lamb_compiled":
+        step()  # the first call compiles the state-initialising step; the steady-state graph compiles here
+    return step, params, opt
+
+
+def relocate(params, opt) -> None:
+    """Move every tensor of one backend (parameters, gradients, optimizer state) to a fresh allocation.
+
+    ``set_`` keeps each tensor object (the optimizer and a compiled step hold them) and swaps its storage; the
+    old storage is freed once the new one exists, so the next backend's allocations may land there.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in params:
+            p.set_(p.detach().clone())
+            p.grad.set_(p.grad.clone())
+            for v in opt.state[p].values():
+                if torch.is_tensor(v):
+                    v.set_(v.clone())
 
 
 def memory_one(backend: str, layers: int, hidden: int, repeats: int) -> dict:
     """In a fresh process: the peak resident memory that stepping adds (VmHWM after minus VmRSS before)."""
-    step, n, nt = make(backend, layers, hidden)
+    step, params, _ = make(backend, layers, hidden)
+    n, nt = sum(p.numel() for p in params), len(params)
     rss0 = _status("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -113,28 +142,52 @@ def memory_one(backend: str, layers: int, hidden: int, repeats: int) -> dict:
     return dict(backend=backend, params=n, tensors=nt, step_peak_extra_bytes=peak)
 
 
-def time_interleaved(backends: list[str], layers: int, hidden: int, repeats: int) -> dict[str, dict]:
-    """All backends in one process, stepped round-robin, so that load from other jobs hits them alike."""
-    steps, out = {}, {}
+def time_rounds(backends: list[str], layers: int, hidden: int, rounds: int, repeats: int,
+                seed: int = 0) -> dict[str, dict]:
+    """All backends in one process: ``rounds`` rounds of ``repeats`` round-robin steps each, every backend's
+    tensors relocated (in a shuffled order) between rounds; see the module docstring."""
+    built, out = {}, {}
     for b in backends:
         try:
-            steps[b] = make(b, layers, hidden)
+            built[b] = make(b, layers, hidden)
         except Exception as e:  # noqa: BLE001 - a peer that is not installed
             out[b] = dict(backend=b, error=f"{type(e).__name__}: {e}")
-    times: dict[str, list[float]] = {b: [] for b in steps}
-    for _ in range(repeats):
-        for b, (step, _, _) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[b].append(time.perf_counter() - t0)
-    for b, (_, n, nt) in steps.items():
-        ts = sorted(times[b])
-        out[b] = dict(backend=b, params=n, tensors=nt, min_ms=ts[0] * 1e3, median_ms=statistics.median(ts) * 1e3,
-                      repeats=repeats, times_ms=[t * 1e3 for t in times[b]])
-        if "lamb_fused" in times:
-            # Paired: this backend's time over lamb_fused's in the same round, median over rounds. A burst of
-            # load from other jobs slows both steps of a round alike, so this is steadier than min / min.
-            out[b]["paired_over_fused"] = statistics.median(t / f for t, f in zip(times[b], times["lamb_fused"]))
+    rng = random.Random(seed)
+    names = list(built)
+    times: dict[str, list[list[float]]] = {b: [] for b in names}
+    for r in range(rounds):
+        if r > 0:
+            order = names[:]
+            rng.shuffle(order)
+            for b in order:
+                _, params, opt = built[b]
+                relocate(params, opt)
+                built[b][0]()  # one untimed step: the new pages' first-touch faults are not a step's cost
+        for b in names:
+            times[b].append([])
+        order = names[:]
+        rng.shuffle(order)  # who steps first in a round changes too
+        for _ in range(repeats):
+            for b in order:
+                t0 = time.perf_counter()
+                built[b][0]()
+                times[b][-1].append(time.perf_counter() - t0)
+    for b in names:
+        _, params, _ = built[b]
+        flat = sorted(t for rt in times[b] for t in rt)
+        round_min = [min(rt) for rt in times[b]]
+        out[b] = dict(backend=b, params=sum(p.numel() for p in params), tensors=len(params),
+                      min_ms=flat[0] * 1e3, median_ms=statistics.median(flat) * 1e3, rounds=rounds,
+                      repeats=repeats, round_min_ms=[t * 1e3 for t in round_min],
+                      times_ms=[[t * 1e3 for t in rt] for rt in times[b]])
+    if "lamb_fused" in names:
+        ref = out["lamb_fused"]["round_min_ms"]
+        for b in names:
+            # Paired: this backend's best step over lamb_fused's best step in the same round (same allocations
+            # round, same load from other jobs), then the median and the range over rounds.
+            per_round = [t / f for t, f in zip(out[b]["round_min_ms"], ref)]
+            out[b]["paired_over_fused"] = statistics.median(per_round)
+            out[b]["paired_over_fused_range"] = [min(per_round), max(per_round)]
     return out
 
 
@@ -175,9 +228,75 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def _paired(r: dict, invert: bool = False) -> str:
+    """The paired ratio with its range over rounds, e.g. '1.41 (1.37-1.46)'; invert: lamb_fused over r."""
+    med, (lo, hi) = r["paired_over_fused"], r["paired_over_fused_range"]
+    if invert:
+        med, lo, hi = 1 / med, 1 / hi, 1 / lo
+    return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
+
+
+def report_lines(report: dict, command: str) -> list[str]:
+    """The Markdown report: the table and the issue's targets, from the rows of time_rounds."""
+    rows = report["rows"]
+    by = {r["backend"]: r for r in rows if "min_ms" in r}
+    n = next((r["params"] for r in rows if "params" in r), 0)
+    nt = next((r["tensors"] for r in rows if "tensors" in r), 0)
+    first = next(iter(by.values()), {})
+    lines = [
+        "# Fused CPU LAMB: one optimizer step, BERT-shaped parameters",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Parameters: {n / 1e6:.1f}M fp32 in {nt} tensors (BERT-shaped: vocab 30522, hidden "
+        f"{report['hidden']}, {report['layers']} layers).",
+        f"Machine: {report['machine']}",
+        f"Versions: {report['versions']}",
+        "",
+        report["note"] + ".",
+        "",
+        f"{first.get('rounds', 0)} rounds x {first.get('repeats', 0)} steps per backend, every backend's tensors "
+        "moved to fresh allocations (in a shuffled order) between rounds. min / median: over all steps. "
+        "x fused: min over min. paired: per round, this backend's best step over lamb_fused's best step in "
+        "that round; the median over rounds, and the range.",
+        "",
+        "| backend | min ms | median ms | x fused | x fused, paired (range) | extra peak RSS during step (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "min_ms" not in r:
+            lines.append(f"| {r['backend']} | failed: {r['error']} | | | | |")
+            continue
+        peak = r.get("step_peak_extra_bytes")
+        paired = _paired(r) if "paired_over_fused" in r else "n/a"
+        lines.append(f"| {r['backend']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | "
+                     f"{report['ratios'].get(r['backend'] + '_over_fused', float('nan')):.2f} | {paired} | "
+                     f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |")
+    if "lamb_fused" in by:
+        f = by["lamb_fused"]["min_ms"]
+        lines += ["", "Targets (paired median, range over rounds in brackets):"]
+        if "timm_lamb" in by:
+            t = by["timm_lamb"]
+            lines.append(f"- timm Lamb / fused = {_paired(t)} paired, {t['min_ms'] / f:.2f} min over min "
+                         "(target >= 6)")
+        if "torch_adamw_fused" in by:
+            a = by["torch_adamw_fused"]
+            lines.append(f"- fused / torch AdamW(fused=True) = {_paired(a, invert=True)} paired, "
+                         f"{f / a['min_ms']:.2f} min over min (target <= 1.6; bytes 40 vs 28 = 1.43 without "
+                         "cache blocking)")
+        if "lamb_fused_unblocked" in by:
+            u = by["lamb_fused_unblocked"]
+            lines.append(f"- cache blocking: unblocked / blocked = {_paired(u)} paired, {u['min_ms'] / f:.2f} "
+                         f"min over min (default block: {report['cache_block']} elements; pass B finds w and u "
+                         "in cache for the tensors of a block)")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, with fresh allocations between them")
+    ap.add_argument("--repeats", type=int, default=3, help="steps per backend per round")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
     ap.add_argument("--layers", type=int, default=9)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--backends", nargs="*", default=BACKENDS)
@@ -190,10 +309,13 @@ def main() -> None:
     if args.one:
         print(json.dumps(memory_one(args.one, args.layers, args.hidden, 2)))
         return
+    for name in ("rounds", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     backends = [b for b in args.backends if not (args.no_compiled and b == "lamb_compiled")]
     backends += [f"lamb_fused@{int(x)}" for x in args.blocks.split(",") if x.strip()]
-    timed = time_interleaved(backends, args.layers, args.hidden, args.repeats)
+    timed = time_rounds(backends, args.layers, args.hidden, args.rounds, args.repeats, args.seed)
     rows = []
     for b in backends:
         row = timed[b]
@@ -203,7 +325,7 @@ def main() -> None:
             mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
             row["step_peak_extra_bytes"] = mem.get("step_peak_extra_bytes")
         rows.append(row)
-        print(row, flush=True)
+        print({k: v for k, v in row.items() if k != "times_ms"}, flush=True)
 
     by = {r["backend"]: r for r in rows if "min_ms" in r}
     ratios = {}
@@ -218,55 +340,19 @@ def main() -> None:
     except (AttributeError, RuntimeError):  # the fused kernel was not among the backends
         default_block = None
     report = dict(machine=machine(), versions=versions(), rows=rows, ratios=ratios, cache_block=default_block,
-                  note=("min over repeats after one warm-up step; the machine is shared with other jobs, so "
-                        "absolute times are noisy (ratios within one run are what to compare)"),
+                  layers=args.layers, hidden=args.hidden, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
+                  note=("one warm-up step per backend (and one after each relocation); the machine is shared "
+                        "with other jobs, so absolute times are noisy (ratios within one run are what to compare)"),
                   bytes_per_param={"lamb_fused": 40, "torch_adamw_fused": 28})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    n = next((r["params"] for r in rows if "params" in r), 0)
-    lines = [
-        "# Fused CPU LAMB: one optimizer step, BERT-shaped parameters",
-        "",
-        f"Command: `python benchmarks/bench_fused_cpu.py --repeats {args.repeats} --layers {args.layers} "
-        f"--hidden {args.hidden}" + (f" --blocks {args.blocks}" if args.blocks else "") + "`",
-        "",
-        f"Parameters: {n / 1e6:.1f}M fp32 in {next((r['tensors'] for r in rows if 'tensors' in r), 0)} tensors "
-        f"(BERT-shaped: vocab 30522, hidden {args.hidden}, {args.layers} layers).",
-        f"Machine: {report['machine']}",
-        f"Versions: {report['versions']}",
-        "",
-        report["note"] + ".",
-        "",
-        "x fused: min over min; paired: the median over rounds of (this backend / lamb_fused) in the same round.",
-        "",
-        "| backend | min ms | median ms | x fused | x fused, paired | extra peak RSS during step (MiB) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "min_ms" not in r:
-            lines.append(f"| {r['backend']} | failed: {r['error']} | | | | |")
-            continue
-        peak = r.get("step_peak_extra_bytes")
-        lines.append(f"| {r['backend']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | "
-                     f"{ratios.get(r['backend'] + '_over_fused', float('nan')):.2f} | "
-                     f"{r.get('paired_over_fused', float('nan')):.2f} | "
-                     f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |")
-    if "lamb_fused" in by:
-        f = by["lamb_fused"]["min_ms"]
-        lines += ["", "Targets:"]
-        if "timm_lamb" in by:
-            lines.append(f"- timm Lamb / fused = {by['timm_lamb']['min_ms'] / f:.2f} (target >= 6)")
-        if "torch_adamw_fused" in by:
-            a = by["torch_adamw_fused"]
-            lines.append(f"- fused / torch AdamW(fused=True) = {f / a['min_ms']:.2f} min over min, "
-                         f"{1 / a['paired_over_fused']:.2f} paired (target <= 1.6; bytes 40 vs 28 = 1.43 "
-                         "without cache blocking)")
-        if "lamb_fused_unblocked" in by:
-            u = by["lamb_fused_unblocked"]
-            lines.append(f"- cache blocking: unblocked / blocked = {u['min_ms'] / f:.2f} min over min, "
-                         f"{u['paired_over_fused']:.2f} paired (default block: {report['cache_block']} elements; "
-                         "pass B finds w and u in cache for the tensors of a block)")
+    command = (f"python benchmarks/bench_fused_cpu.py --rounds {args.rounds} --repeats {args.repeats} "
+               f"--layers {args.layers} --hidden {args.hidden}"
+               + (f" --backends {' '.join(args.backends)}" if args.backends != BACKENDS else "")
+               + (" --no-compiled" if args.no_compiled else "")
+               + (f" --blocks {args.blocks}" if args.blocks else ""))
+    lines = report_lines(report, command)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -2,7 +2,8 @@
 //
 // Same pass structure as the CUDA kernels and the same per-element math (include/lamb_math.h):
 //   pass A  reads g, w, m, v; writes m, v (unless finiteness must first be checked); accumulates
-//           ||w||^2, ||u||^2 (and with check_finite sum g^2, finite iff every g is) per chunk, in double;
+//           ||w||^2, ||u||^2 (and with check_finite sum g^2, finite iff every g is) per chunk: fp32 runs of
+//           256 elements added in double (see kSumRun in cpu/lamb_cpu_kernels.inc);
 //   ratio   per tensor, from the chunk sums added in chunk order (fixed chunking: the result does not
 //           depend on the thread count);
 //   pass B  reads w, m, v (and g when recomputing), writes w (and the low-precision copy).
@@ -34,10 +35,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <vector>
 
-#include <unistd.h>  // sysconf: the last-level cache size for the default cache block
+#include <unistd.h>  // sysconf: the last-level cache size for the default cache block (where sysfs has none)
 
 #include "include/lamb_math.h"
 
@@ -50,23 +53,44 @@ constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum bu
 
 // Default cache block: the largest power of two between 256Ki and 2Mi elements whose pass-A data (20 B an
 // element: g, w, m, v and the scratch u) fill at most half the last-level cache, 1Mi where the cache size is
-// unknown.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md, xeon/fused_cpu_pair.md):
-// on a 2-vCPU Intel Xeon VM (AVX-512, a 480 MiB L3 shared with other tenants) 1Mi, 2Mi and 4Mi were the
-// fastest, in an order that changed between runs, and 512Ki about 5% slower than the best; on a 2-core AMD
-// EPYC Zen 4 with a 32 MiB L3 (512Ki by this rule) 256Ki..1Mi were within 1% and 4Mi lost most of the gain.
-// The 2Mi cap bounds the per-thread scratch (8 MiB).
+// unknown.  The cache size is the kernel's (sysfs: the L3 that cpu0 shares), else glibc's sysconf: on a 2-vCPU
+// AMD EPYC (Zen 1) VM, sysfs says 8 MiB, the L3 of the core complex the VM runs on, while sysconf says 64 MiB,
+// the whole chip's.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md and xeon/):
+// on that Zen 1 VM 256Ki was the fastest (6% ahead of 1Mi, 2Mi back to the 1Mi time); on a 2-vCPU Intel Xeon
+// VM (AVX-512, its L3 read by sysconf as 480 MiB) 1Mi, 2Mi and 4Mi were the fastest, in an order that changed
+// between runs, and 512Ki about 5% slower than the best; on a 2-core AMD EPYC Zen 4 with a 32 MiB L3 (512Ki by
+// this rule) 256Ki..1Mi were within 1% and 4Mi lost most of the gain.  The 2Mi cap bounds the per-thread
+// scratch (8 MiB).
 constexpr int64_t kMinBlock = int64_t{1} << 18;
 constexpr int64_t kMaxBlock = int64_t{1} << 21;
 constexpr int64_t kUnknownCacheBlock = int64_t{1} << 20;
 
+// The level-3 cache size in bytes from /sys/devices/system/cpu/cpu0/cache/index*/{level,size} ("8192K"),
+// 0 where there is none.
+static int64_t sysfs_l3_bytes() {
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level(dir + "level"), size(dir + "size");
+    int lv = 0;
+    if (!(level >> lv)) break;  // no more cache levels
+    if (lv != 3) continue;
+    int64_t n = 0;
+    char unit = 0;
+    if (!(size >> n)) return 0;
+    size >> unit;
+    return unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : unit == 'G' ? n << 30 : n;
+  }
+  return 0;
+}
+
 static int64_t default_block() {
-  long llc = 0;
+  int64_t llc = sysfs_l3_bytes();
 #ifdef _SC_LEVEL3_CACHE_SIZE
-  llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (llc <= 0) llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
   if (llc <= 0) return kUnknownCacheBlock;
   int64_t b = kMinBlock;
-  while (b * 2 <= kMaxBlock && b * 2 * 20 * 2 <= static_cast<int64_t>(llc)) b *= 2;
+  while (b * 2 <= kMaxBlock && b * 2 * 20 * 2 <= llc) b *= 2;
   return b;
 }
 
@@ -129,6 +153,8 @@ static int detect_isa() {
   const char* env = std::getenv("LAMB_CPU_ISA");
   if (env == nullptr) return best;
   const std::string want(env);
+  TORCH_CHECK(want == "base" || want == "avx2" || want == "avx512", "lamb fused CPU: LAMB_CPU_ISA='", want,
+              "' is not one of base, avx2, avx512 (it caps the SIMD loops picked from cpuid; unset it for the best)");
   const int cap = want == "base" ? 0 : want == "avx2" ? 1 : 2;
   return std::min(best, cap);
 }

@@ -2,7 +2,7 @@
 
 Tolerances come from fp32 rounding: the fused kernel and the reference evaluate the same expressions in
 fp32 but differ in a few roundings (reciprocal multipliers for the bias corrections and the gradient
-divisor, norms summed in double instead of fp32), so each step may move an element by a few ulps of its
+divisor, norms summed in short fp32 runs added in double rather than by torch's fp32 reduction), so each step may move an element by a few ulps of its
 magnitude and of its update; over ``STEPS`` steps that is ``ULPS * STEPS`` eps relative.
 """
 
@@ -306,14 +306,29 @@ def test_cache_blocking_is_bit_identical(algo):
             assert torch.equal(a, b), f"block {blk}: tensor {i} differs from the unblocked step"
 
 
+def _l3_bytes() -> int:
+    """The L3 size as the kernel reports it (sysfs, the cache cpu0 shares), else glibc's getconf; 0 if unknown."""
+    from pathlib import Path
+
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (d / "level").read_text().strip() == "3":
+                txt = (d / "size").read_text().strip()
+                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+                return int(txt.rstrip("KMG")) * mult
+        except (OSError, ValueError):
+            return 0
+    getconf = shutil.which("getconf")
+    if getconf is None:
+        return 0
+    out = subprocess.run([getconf, "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+    return int(out) if out.isdigit() else 0  # glibc's getconf prints sysconf(_SC_LEVEL3_CACHE_SIZE)
+
+
 def test_default_cache_block_follows_the_cache_size():
     # The default: the largest power of two in [256Ki, 2Mi] elements whose 20 B an element fill at most half
     # the last-level cache, 1Mi where the cache size is unknown (cuda/lamb_cpu.cpp, default_block).
-    getconf = shutil.which("getconf")
-    if getconf is None:
-        pytest.skip("no getconf to read the last-level cache size")
-    out = subprocess.run([getconf, "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
-    llc = int(out) if out.isdigit() else 0  # glibc's getconf prints sysconf(_SC_LEVEL3_CACHE_SIZE)
+    llc = _l3_bytes()
     if llc <= 0:
         expected = 1 << 20
     else:
@@ -327,6 +342,23 @@ def test_default_cache_block_follows_the_cache_size():
         assert torch.ops.lamb_cpu.set_cache_block(-1) == 12345
     finally:
         torch.ops.lamb_cpu.set_cache_block(prev)
+
+
+def test_isa_cap_from_the_environment(monkeypatch):
+    # LAMB_CPU_ISA caps the loops picked from cpuid (set_isa(-1) re-reads it); an unknown value is an error that
+    # names the allowed ones instead of being read as "no cap".
+    best = torch.ops.lamb_cpu.set_isa(-1)
+    try:
+        monkeypatch.setenv("LAMB_CPU_ISA", "base")
+        assert torch.ops.lamb_cpu.set_isa(-1) == 0
+        monkeypatch.setenv("LAMB_CPU_ISA", "avx2")
+        assert torch.ops.lamb_cpu.set_isa(-1) == min(best, 1)
+        monkeypatch.setenv("LAMB_CPU_ISA", "sse9")
+        with pytest.raises(RuntimeError, match=r"LAMB_CPU_ISA='sse9' is not one of base, avx2, avx512"):
+            torch.ops.lamb_cpu.set_isa(-1)
+    finally:
+        monkeypatch.delenv("LAMB_CPU_ISA", raising=False)
+        assert torch.ops.lamb_cpu.set_isa(-1) == best
 
 
 @pytest.mark.parametrize("algo", ["lamb", "lars"])
@@ -346,6 +378,25 @@ def test_check_finite_skips_the_whole_step_with_small_blocks(algo):
         torch.ops.lamb_cpu.set_cache_block(-1)
     for a, b, s in zip(params, p, st):
         assert torch.equal(a, b) and not s["m"].any() and s["step"].item() == 0
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_check_finite_takes_large_finite_gradients(algo):
+    # 3e19 is finite, but its square overflows fp32: the finiteness check must not read it as inf (the norms
+    # are summed in fp32 runs), so the checked step equals the unchecked one instead of being skipped.
+    params = _params(shapes=[(1000,), (7,)])
+    fn, call, kw = ((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (_fused_lars, _lars_call, LARS_KW))
+    grads = _grads(params, 0)
+    grads[0][10] = 3e19
+    out = {}
+    for checked in (False, True):
+        p = [x.clone() for x in params]
+        st = _state(p)
+        call(fn, p, [g.clone() for g in grads], st, **kw, check_finite=checked)
+        out[checked] = p + [s[k] for s in st for k in ("m", "v", "step")]
+    assert out[True][-1].item() == 1, "the checked step was skipped"
+    for a, b in zip(out[False], out[True]):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------- LARS

@@ -182,9 +182,11 @@ LAMB_HD LambStepCoef lamb_step_coef(const LambParams& p, float lr, float t) {
   return c;
 }
 
-// m, v <- the new moments (in float; the caller rounds them through the storage type).
+// m, v <- the new moments (in float; the caller rounds them through the storage type).  L2 = false skips
+// the "l2" term where wd_l2 is 0, as the reference does (adding 0 * w only costs a multiply and an add).
+template <bool L2 = true>
 LAMB_HD void lamb_moments(float g, float w, float& m, float& v, const LambParams& p) {
-  g = g + p.wd_l2 * w;
+  if (L2) g = g + p.wd_l2 * w;
   m = p.beta1 * m + p.beta3 * g;
   v = p.beta2 * v + p.one_minus_beta2 * g * g;
 }
@@ -195,8 +197,13 @@ LAMB_HD float lamb_update(float m, float v, float w, const LambParams& p, const 
   return r + p.wd_ratio * w;
 }
 
-// w' = w - s * u - decay * w   (s = lr_t * rho; decay = lr * wd in "decoupled" mode, else 0)
-LAMB_HD float lamb_apply(float w, float u, float s, float decay) { return (w - s * u) - decay * w; }
+// w' = w - s * u - decay * w   (s = lr_t * rho; decay = lr * wd in "decoupled" mode, else 0; DECAY = false
+// skips the decay term where decay is 0, as the reference does)
+template <bool DECAY = true>
+LAMB_HD float lamb_apply(float w, float u, float s, float decay) {
+  const float x = w - s * u;
+  return DECAY ? x - decay * w : x;
+}
 
 // The trust ratio from the squared norms: 1 where ||x|| or ||u|| is 0 (or the group does not adapt),
 // else clamp(phi(||x||) / ||u||, min, max).  The clamp never applies to the zero-norm 1.
