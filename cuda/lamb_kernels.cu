@@ -38,7 +38,9 @@ struct LambAFunctor {
       const float u = lamb_math::lamb_update(mf[k], vf[k], wf[k], hp, c);
       aw += wf[k] * wf[k];
       au += u * u;
-      ag += gk * gk;
+      // the finiteness check (check_finite) only: gk - gk is 0, or NaN where gk is inf or NaN (gk * gk would
+      // overflow to inf for a finite |gk| > 1.8e19 and skip a finite step)
+      ag += gk - gk;
     }
     if (WRITE) {
       store_f<V>(m, i, mf);
@@ -217,19 +219,19 @@ __global__ void lamb_finalize_kernel(int n, LambParams hp, StepScalars sc, int c
 
 // ------------------------------------------------------------------------------------- launchers
 cudaError_t lamb_prologue(int n, const LambParams& hp, StepScalars sc, int maximize, Scratch s, cudaStream_t stream) {
-  lamb_prologue_kernel<<<1, kBlockSize, 0, stream>>>(n, hp, sc, maximize, s);
+  LAMB_LAUNCH(lamb_prologue_kernel, 1, kBlockSize, stream)(n, hp, sc, maximize, s);
   return cudaGetLastError();
 }
 
 cudaError_t lamb_finalize(int n, const LambParams& hp, StepScalars sc, bool check_finite, Scratch s,
                           cudaStream_t stream) {
-  lamb_finalize_kernel<false><<<1, kBlockSize, 0, stream>>>(n, hp, sc, check_finite ? 1 : 0, nullptr, s);
+  LAMB_LAUNCH(lamb_finalize_kernel<false>, 1, kBlockSize, stream)(n, hp, sc, check_finite ? 1 : 0, nullptr, s);
   return cudaGetLastError();
 }
 
 cudaError_t lamb_finalize_full(int n, const LambParams& hp, StepScalars sc, bool check_finite, const double* full,
                                Scratch s, cudaStream_t stream) {
-  lamb_finalize_kernel<true><<<1, kBlockSize, 0, stream>>>(n, hp, sc, check_finite ? 1 : 0, full, s);
+  LAMB_LAUNCH(lamb_finalize_kernel<true>, 1, kBlockSize, stream)(n, hp, sc, check_finite ? 1 : 0, full, s);
   return cudaGetLastError();
 }
 
@@ -255,7 +257,7 @@ __global__ void partial_sq_norms_kernel(int n, int check_finite, Scratch s, doub
 }
 
 cudaError_t partial_sq_norms(int n, bool check_finite, Scratch s, double* out, cudaStream_t stream) {
-  partial_sq_norms_kernel<<<1, kBlockSize, 0, stream>>>(n, check_finite ? 1 : 0, s, out);
+  LAMB_LAUNCH(partial_sq_norms_kernel, 1, kBlockSize, stream)(n, check_finite ? 1 : 0, s, out);
   return cudaGetLastError();
 }
 

@@ -14,7 +14,7 @@ template <typename P, typename S, bool MASTER>
 struct LarsAFunctor {
   template <int V>
   __device__ __forceinline__ static void body(const P* g, const P* p, const float* x, int64_t i, const LarsParams& lp,
-                                              float gs, float& aw, float& as) {
+                                              float gs, float& aw, float& as, float& af) {
     float gf[V], wf[V];
     load_f<V>(g, i, gf);
     if (MASTER) {
@@ -27,6 +27,7 @@ struct LarsAFunctor {
       const float d = lamb_math::lars_stat(gf[k] * gs, wf[k], lp);
       aw += wf[k] * wf[k];
       as += d * d;
+      af += d - d;  // 0, or NaN where d is inf or NaN (d * d overflows for a finite |d| > 1.8e19)
     }
   }
 
@@ -40,21 +41,21 @@ struct LarsAFunctor {
     const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
     const float* x = MASTER ? static_cast<const float*>(meta.addr[4][tl]) + start : nullptr;
     const float gs = *s.gscale;
-    float aw = 0.f, as = 0.f;
+    float aw = 0.f, as = 0.f, af = 0.f;
     const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
                      is_aligned(x, sizeof(float) * kVec);
     const int64_t nvec = vec ? len / kVec : 0;
-    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) body<kVec>(g, p, x, j * kVec, lp, gs, aw, as);
-    for (int64_t i = nvec * kVec + threadIdx.x; i < len; i += blockDim.x) body<1>(g, p, x, i, lp, gs, aw, as);
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) body<kVec>(g, p, x, j * kVec, lp, gs, aw, as, af);
+    for (int64_t i = nvec * kVec + threadIdx.x; i < len; i += blockDim.x) body<1>(g, p, x, i, lp, gs, aw, as, af);
 
-    __shared__ double shared[2 * kBlockSize];
-    double sums[2] = {aw, as};
-    block_sum<2>(sums, shared);
+    __shared__ double shared[3 * kBlockSize];
+    double sums[3] = {aw, as, af};
+    block_sum<3>(sums, shared);
     if (threadIdx.x == 0) {
       double* out = s.partial + (meta.chunk_base[tl] + chunk) * 3;
       out[0] = sums[0];
       out[1] = sums[1];
-      out[2] = sums[1];  // finite iff every g is
+      out[2] = sums[2];  // finite iff every d (g, or g + wd w) is
     }
   }
 };
@@ -123,18 +124,19 @@ __global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int c
   const int64_t* prefix = s.table + 4 * n;
   int nonfinite = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    double w2 = 0.0, d2 = 0.0;
+    double w2 = 0.0, d2 = 0.0, f2 = 0.0;
     if (FULL) {
       w2 = full[i];
       d2 = full[n + i];
-      if (!isfinite(w2)) nonfinite = 1;
+      if (!isfinite(w2) || !isfinite(d2)) nonfinite = 1;
     } else {
       for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
         w2 += s.partial[c * 3 + 0];
         d2 += s.partial[c * 3 + 1];
+        f2 += s.partial[c * 3 + 2];
       }
+      if (!isfinite(f2)) nonfinite = 1;  // the finiteness sum, not d2: that overflows for large finite d
     }
-    if (!isfinite(d2)) nonfinite = 1;
     s.coef[i].s = static_cast<float>(sqrt(w2));
     s.coef[i].decay = static_cast<float>(sqrt(d2));
   }
@@ -159,19 +161,19 @@ __global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int c
 
 cudaError_t lars_prologue(int n, StepScalars sc, int maximize, Scratch s, cudaStream_t stream) {
   (void)n;
-  lars_prologue_kernel<<<1, 32, 0, stream>>>(sc, maximize, s);
+  LAMB_LAUNCH(lars_prologue_kernel, 1, 32, stream)(sc, maximize, s);
   return cudaGetLastError();
 }
 
 cudaError_t lars_finalize(int n, const LarsParams& lp, StepScalars sc, bool check_finite, Scratch s,
                           cudaStream_t stream) {
-  lars_finalize_kernel<false><<<1, kBlockSize, 0, stream>>>(n, lp, sc, check_finite ? 1 : 0, nullptr, s);
+  LAMB_LAUNCH(lars_finalize_kernel<false>, 1, kBlockSize, stream)(n, lp, sc, check_finite ? 1 : 0, nullptr, s);
   return cudaGetLastError();
 }
 
 cudaError_t lars_finalize_full(int n, const LarsParams& lp, StepScalars sc, bool check_finite, const double* full,
                                Scratch s, cudaStream_t stream) {
-  lars_finalize_kernel<true><<<1, kBlockSize, 0, stream>>>(n, lp, sc, check_finite ? 1 : 0, full, s);
+  LAMB_LAUNCH(lars_finalize_kernel<true>, 1, kBlockSize, stream)(n, lp, sc, check_finite ? 1 : 0, full, s);
   return cudaGetLastError();
 }
 

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "launch.cuh"
+
 namespace lamb_cuda {
 
 constexpr int kBlockSize = 512;
@@ -58,7 +60,7 @@ cudaError_t multi_tensor_apply(int64_t chunk_size, int n, void* const* const* pt
       const bool blocks_full = loc_block == kMaxBlocks;
       const bool done = i == last && last_chunk;
       if (tensors_full || blocks_full || done) {
-        multi_tensor_kernel<N><<<loc_block, kBlockSize, 0, stream>>>(chunk_size, meta, functor, args...);
+        LAMB_LAUNCH(multi_tensor_kernel<N>, loc_block, kBlockSize, stream)(chunk_size, meta, functor, args...);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
         loc_block = 0;
