@@ -56,7 +56,7 @@ constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum bu
 // unknown.  The cache size is the kernel's (sysfs: the L3 that cpu0 shares), else glibc's sysconf: on a 2-vCPU
 // AMD EPYC (Zen 1) VM, sysfs says 8 MiB, the L3 of the core complex the VM runs on, while sysconf says 64 MiB,
 // the whole chip's.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md and xeon/):
-// on that Zen 1 VM 256Ki was the fastest (6% ahead of 1Mi, 2Mi back to the 1Mi time); on a 2-vCPU Intel Xeon
+// on that Zen 1 VM 256Ki and 1Mi were within 5% of each other, 2Mi 10% slower; on a 2-vCPU Intel Xeon
 // VM (AVX-512, its L3 read by sysconf as 480 MiB) 1Mi, 2Mi and 4Mi were the fastest, in an order that changed
 // between runs, and 512Ki about 5% slower than the best; on a 2-core AMD EPYC Zen 4 with a 32 MiB L3 (512Ki by
 // this rule) 256Ki..1Mi were within 1% and 4Mi lost most of the gain.  The 2Mi cap bounds the per-thread
