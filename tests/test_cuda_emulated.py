@@ -47,7 +47,8 @@ import test_lamb_reference  # noqa: E402
 import test_lars_reference  # noqa: E402
 from test_fused_cpu import (  # noqa: E402
     LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, SHAPES, SPLIT_LAMB_VARIANTS, SPLIT_LARS_VARIANTS, SPLIT_SHAPES,
-    STEPS, TOL32, _check_split, _close, _grads, _lamb_call, _lars_call, _params, _Pieces, _state,
+    STEPS, TOL32, _check_large_finite_gradient, _check_split, _close, _grads, _lamb_call, _lars_call, _params,
+    _Pieces, _state,
 )
 
 LOW = [torch.bfloat16, torch.float16]
@@ -438,21 +439,9 @@ def test_skipped_steps_write_nothing(algo):
 
 @pytest.mark.parametrize("algo", ["lamb", "lars"])
 def test_check_finite_takes_large_finite_gradients(algo):
-    """3e19 is finite but its square overflows fp32: check_finite must not skip the step (the CPU twin's test
-    of the same name; the CUDA kernels summed g * g for the check, and skipped it)."""
-    params = _params(shapes=[(1000,), (7,)])
-    fn, call, kw = (emu.lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (emu.lars, _lars_call, LARS_KW)
-    grads = _grads(params, 0)
-    grads[0][10] = 3e19
-    out = {}
-    for checked in (False, True):
-        p = [x.clone() for x in params]
-        st = _state(p)
-        call(fn, p, [g.clone() for g in grads], st, **kw, check_finite=checked)
-        out[checked] = p + [s[k] for s in st for k in ("m", "v", "step")]
-    assert out[True][-1].item() == 1, "the checked step was skipped"
-    for a, b in zip(out[False], out[True]):
-        assert torch.equal(a, b)
+    """The CPU twin's test of the same name: the CUDA kernels summed g * g for the check, and skipped the step."""
+    _check_large_finite_gradient(*((emu.lamb, _lamb_call, LAMB_KW) if algo == "lamb"
+                                   else (emu.lars, _lars_call, LARS_KW)))
 
 
 @pytest.mark.parametrize("algo", ["lamb", "lars"])

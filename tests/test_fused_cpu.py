@@ -2,8 +2,8 @@
 
 Tolerances come from fp32 rounding: the fused kernel and the reference evaluate the same expressions in
 fp32 but differ in a few roundings (reciprocal multipliers for the bias corrections and the gradient
-divisor, norms summed in short fp32 runs added in double rather than by torch's fp32 reduction), so each step may move an element by a few ulps of its
-magnitude and of its update; over ``STEPS`` steps that is ``ULPS * STEPS`` eps relative.
+divisor, norms summed in short fp32 runs added in double rather than by torch's fp32 reduction), so each
+step may move an element by a few ulps of its magnitude and of its update; over ``STEPS`` steps that is ``ULPS * STEPS`` eps relative.
 """
 
 from __future__ import annotations
@@ -380,12 +380,10 @@ def test_check_finite_skips_the_whole_step_with_small_blocks(algo):
         assert torch.equal(a, b) and not s["m"].any() and s["step"].item() == 0
 
 
-@pytest.mark.parametrize("algo", ["lamb", "lars"])
-def test_check_finite_takes_large_finite_gradients(algo):
-    # 3e19 is finite, but its square overflows fp32: the finiteness check must not read it as inf (the norms
-    # are summed in fp32 runs), so the checked step equals the unchecked one instead of being skipped.
+def _check_large_finite_gradient(fn, call, kw):
+    """3e19 is finite, but its square overflows fp32: the finiteness check must not read it as inf (the norms
+    are summed in fp32), so the checked step equals the unchecked one instead of being skipped."""
     params = _params(shapes=[(1000,), (7,)])
-    fn, call, kw = ((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (_fused_lars, _lars_call, LARS_KW))
     grads = _grads(params, 0)
     grads[0][10] = 3e19
     out = {}
@@ -397,6 +395,12 @@ def test_check_finite_takes_large_finite_gradients(algo):
     assert out[True][-1].item() == 1, "the checked step was skipped"
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_check_finite_takes_large_finite_gradients(algo):
+    _check_large_finite_gradient(*((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb"
+                                   else (_fused_lars, _lars_call, LARS_KW)))
 
 
 # ------------------------------------------------------------------------------------------- LARS
