@@ -119,8 +119,9 @@ def training_allocator_state() -> None:
     raises its threshold to that block's size, at most 32 MiB; from then on temporaries up to that size come from
     the heap and are reused. Any training step frees activations that large, but a fresh benchmark process may
     not have, and then peers that allocate temporaries every step (timm, torch-optimizer, the foreach and
-    reference backends) run ~15-25% slower than in training (timm's Lamb here: ~440 ms against ~345 ms). The
-    fused kernels allocate nothing per step and are not affected. Freeing one block just under 32 MiB sets it.
+    reference backends) run ~15-25% slower than in training (timm's Lamb on the Zen 1 VM: ~440 ms against
+    ~345 ms). The fused kernels allocate nothing per step and are not affected. Freeing one block just under 32 MiB
+    sets it.
     """
     import torch
 
@@ -232,14 +233,24 @@ def versions() -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    info = {}
+    try:  # the first processor's fields: "AMD EPYC" alone does not tell Zen 1 from Zen 4
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
     except OSError:
         pass
+    cpu = info.get("model name", "unknown")
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    l3 = "unknown"  # what sets the kernel's default cache block (cuda/lamb_cpu.cpp reads the same files)
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                l3 = (index / "size").read_text().strip()
+                break
+        except OSError:
+            pass
     try:  # the loops the fused kernel picked from cpuid (0 baseline, 1 AVX2, 2 AVX-512)
         from lamb import ops
 
@@ -247,7 +258,7 @@ def machine() -> dict:
         kernel_isa = {0: "baseline", 1: "AVX2", 2: "AVX-512"}[int(torch.ops.lamb_cpu.set_isa(-1))]
     except Exception as e:  # noqa: BLE001
         kernel_isa = f"unavailable ({type(e).__name__})"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "l3": l3, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "capability": torch.backends.cpu.get_cpu_capability(), "lamb_cpu_isa": kernel_isa,
             "platform": platform.platform()}
 

@@ -55,12 +55,15 @@ constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum bu
 // element: g, w, m, v and the scratch u) fill at most half the last-level cache, 1Mi where the cache size is
 // unknown.  The cache size is the kernel's (sysfs: the L3 that cpu0 shares), else glibc's sysconf: on a 2-vCPU
 // AMD EPYC (Zen 1) VM, sysfs says 8 MiB, the L3 of the core complex the VM runs on, while sysconf says 64 MiB,
-// the whole chip's.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/fused_cpu.md and xeon/):
+// the whole chip's.  Swept with `bench_fused_cpu.py --blocks` (benchmarks/results/: zen1/, xeon/, and Zen 4):
 // on that Zen 1 VM 256Ki and 1Mi were within 5% of each other, 2Mi 10% slower; on a 2-vCPU Intel Xeon
 // VM (AVX-512, its L3 read by sysconf as 480 MiB) 1Mi, 2Mi and 4Mi were the fastest, in an order that changed
 // between runs, and 512Ki about 5% slower than the best; on a 2-core AMD EPYC Zen 4 with a 32 MiB L3 (512Ki by
-// this rule) 256Ki..1Mi were within 1% and 4Mi lost most of the gain.  The 2Mi cap bounds the per-thread
-// scratch (8 MiB).
+// this rule) 256Ki..1Mi were within 1% and 4Mi lost most of the gain, and in a later run, with other tenants
+// loading the shared L3, 256Ki..2Mi were within 4% and blocking gained nothing over unblocked stepping; there a
+// 1Mi block (the feed-forward matrices with their scratch, 20 MiB) ran 12-23% faster or slower than 512Ki from
+// one process to the next: the margin of half the cache keeps the default clear of that.  The 2Mi cap bounds
+// the per-thread scratch (8 MiB).
 constexpr int64_t kMinBlock = int64_t{1} << 18;
 constexpr int64_t kMaxBlock = int64_t{1} << 21;
 constexpr int64_t kUnknownCacheBlock = int64_t{1} << 20;
