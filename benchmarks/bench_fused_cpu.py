@@ -230,11 +230,10 @@ def versions() -> dict:
     return out
 
 
-def machine() -> dict:
-    import torch
-
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers: "AMD EPYC" alone does not tell Zen 1 from Zen 4."""
     info = {}
-    try:  # the first processor's fields: "AMD EPYC" alone does not tell Zen 1 from Zen 4
+    try:  # the first processor's fields
         for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
             key, _, value = line.partition(":")
             info[key.strip()] = value.strip()
@@ -243,14 +242,25 @@ def machine() -> dict:
     cpu = info.get("model name", "unknown")
     if "cpu family" in info:
         cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    l3 = "unknown"  # what sets the kernel's default cache block (cuda/lamb_cpu.cpp reads the same files)
+    return cpu
+
+
+def l3_size() -> str:
+    """The L3 that cpu0 shares, as sysfs gives it ("32768K"): what sets the kernel's default cache block
+    (cuda/lamb_cpu.cpp reads the same files)."""
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             if (index / "level").read_text().strip() == "3":
-                l3 = (index / "size").read_text().strip()
-                break
+                return (index / "size").read_text().strip()
         except OSError:
             pass
+    return "unknown"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu, l3 = cpu_model(), l3_size()
     try:  # the loops the fused kernel picked from cpuid (0 baseline, 1 AVX2, 2 AVX-512)
         from lamb import ops
 

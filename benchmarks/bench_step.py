@@ -5,7 +5,8 @@
     python benchmarks/bench_step.py --size tiny --repeats 3 --no-write   # smoke test, seconds
 
 Each backend runs in a fresh subprocess (so peak-memory readings and allocator caches do not leak from
-one backend to the next) with the same shapes, the same random parameters and gradients, and the same
+one backend to the next), its allocator first put in the state a training process has it (glibc's mmap
+threshold raised, as bench_fused_cpu.py does), with the same shapes, the same random parameters and gradients, and the same
 hyperparameters (lr 1e-3, weight decay 0.01 on every tensor, global grad-norm clipping at 1.0: timm's
 defaults, which are NVLAMB's). Reported per backend:
 
@@ -139,6 +140,11 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    # glibc's allocator as a training process has it, so that peers allocating temporaries every step reuse
+    # heap memory instead of faulting in fresh pages each step (see bench_fused_cpu.training_allocator_state)
+    from bench_fused_cpu import training_allocator_state
+
+    training_allocator_state()
     shapes = bert_shapes(args.size)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
@@ -195,13 +201,9 @@ def copy_bandwidth(threads: int, nbytes: int = 512 * 2**20, repeats: int = 5) ->
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
-            cpu = m.group(1) if m else cpu
-    except OSError:
-        pass
+    from bench_fused_cpu import cpu_model, l3_size
+
+    cpu = f"{cpu_model()}, L3 {l3_size()}"
     import torch
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -269,11 +271,14 @@ def report(results: list[dict], info: dict) -> str:
     lines = [
         f"# One optimizer step, BERT-{info['size']} shapes ({n / 1e6:.1f}M fp32 parameters, {info['tensors']} tensors)",
         "",
+        f"Command: `{info.get('command', 'python benchmarks/bench_step.py')}`",
+        "",
         f"Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores, {info['threads']} threads used; "
         f"torch {info['machine']['versions']['torch']}, timm {info['machine']['versions']['timm']}, "
         f"torch-optimizer {info['machine']['versions']['torch_optimizer']}.",
         f"Copy bandwidth measured in this run: {bw / 1e9:.1f} GB/s (read + write). "
-        f"Repeats: {info['repeats']} timed steps after {info['warmup']} warm-up steps, each backend in a fresh process.",
+        f"Repeats: {info['repeats']} timed steps after {info['warmup']} warm-up steps, each backend in a fresh process "
+        "(glibc's mmap threshold first raised, as in a training process).",
         "Same hyperparameters everywhere: lr 1e-3, weight decay 0.01 on every tensor, global grad-norm clipping 1.0 "
         "(torch-optimizer has no clipping and no bias correction).",
         "",
@@ -347,7 +352,13 @@ def main(argv=None):
         print(json.dumps(worker(args)))
         return
     backends = [b for b in args.backends.split(",") if b]
-    info = dict(size=args.size, repeats=args.repeats, warmup=args.warmup, threads=args.threads, machine=machine(),
+    command = "python benchmarks/bench_step.py" + "".join(
+        f" --{k} {v}" for k, v in (("size", args.size), ("repeats", args.repeats), ("warmup", args.warmup),
+                                   ("threads", args.threads)) if v != ap.get_default(k))
+    if backends != list(BACKENDS):
+        command += " --backends " + ",".join(backends)
+    info = dict(command=command, size=args.size, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                machine=machine(),
                 loadavg_before=loadavg(), numel=sum(_numel(s) for s in bert_shapes(args.size)),
                 tensors=len(bert_shapes(args.size)), bytes_per_param=BYTES_PER_PARAM, notes=args.note,
                 backends_requested=backends)
