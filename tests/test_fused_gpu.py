@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from tests.test_fused_cpu import (  # noqa: E402
-    LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, STEPS, TOL32, _close, _grads, _lamb_call, _lars_call,
-    _params, _state,
+    LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, STEPS, TOL32, _check_large_finite_gradient, _close, _grads,
+    _lamb_call, _lars_call, _params, _state,
 )
 
 
@@ -113,6 +113,29 @@ def test_cuda_skip_without_sync():
     for s0, s1 in zip(before[1], st):
         for k in ("m", "v", "step", "tr"):
             assert torch.equal(s0[k], s1[k])
+
+
+def _on_device(call, device="cuda"):
+    """``call`` (as _lamb_call / _lars_call) run on copies on ``device``, the results copied back in place."""
+    def run(fn, params, grads, st, **kw):
+        dev = [p.to(device) for p in params]
+        dev_st = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in st]
+        call(fn, dev, [g.to(device) for g in grads], dev_st, **kw)
+        for p, d in zip(params, dev):
+            p.copy_(d)
+        for s, d in zip(st, dev_st):
+            for k, v in s.items():
+                if isinstance(v, torch.Tensor):
+                    v.copy_(d[k])
+    return run
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_check_finite_takes_large_finite_gradients(algo):
+    from lamb._fused import _fused_lamb, _fused_lars
+
+    _check_large_finite_gradient(*((_fused_lamb, _on_device(_lamb_call), LAMB_KW) if algo == "lamb"
+                                   else (_fused_lars, _on_device(_lars_call), LARS_KW)))
 
 
 def test_cuda_graph_capture_needs_no_sync():
