@@ -6,9 +6,9 @@
 
 Each backend runs in a fresh subprocess (so peak-memory readings and allocator caches do not leak from
 one backend to the next), its allocator first put in the state a training process has it (glibc's mmap
-threshold raised, as bench_fused_cpu.py does), with the same shapes, the same random parameters and gradients, and the same
-hyperparameters (lr 1e-3, weight decay 0.01 on every tensor, global grad-norm clipping at 1.0: timm's
-defaults, which are NVLAMB's). Reported per backend:
+threshold raised, as bench_fused_cpu.py does), with the same shapes, the same random parameters and
+gradients, and the same hyperparameters (lr 1e-3, weight decay 0.01 on every tensor, global grad-norm
+clipping at 1.0: timm's defaults, which are NVLAMB's). Reported per backend:
 
 * median and min wall time of one ``step()`` over ``--repeats`` steps, after warm-up steps;
 * speed relative to timm's Lamb (its CPU default, the single-tensor path) and to our foreach backend;
