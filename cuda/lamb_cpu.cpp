@@ -515,8 +515,10 @@ void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 // (float64); the caller completes them (e.g. an all-reduce over ranks); pass B takes the full squared
 // norms in the same layout and applies the ratio, the update and step += 1.  A skipped step (found_inf,
 // non-finite divisor/scale) writes zeros in pass A and nothing in either pass.  With check_finite, pass A
-// only reads and marks a piece with a non-finite gradient by a NaN ||u||^2, which survives a sum over
-// pieces; pass B skips the step where any full norm is non-finite and otherwise recomputes m, v.
+// only reads and marks a piece with a non-finite gradient by a NaN ||u||^2 (LARS: ||d||^2), which survives a
+// sum over pieces; pass B skips the step where a full ||u||^2 is NaN and otherwise recomputes m, v.  NaN, not
+// "non-finite": a finite gradient above 1.8e19 overflows its fp32 squares to an inf norm, with which the
+// one-call step goes ahead (its check reads the finiteness sum, not the norms), and so does the split step.
 static void check_sq_norms(const at::Tensor& sq, size_t n, const char* what) {
   TORCH_CHECK(sq.device().is_cpu() && sq.scalar_type() == at::kDouble && sq.is_contiguous() &&
                   sq.numel() == static_cast<int64_t>(2 * n),
@@ -524,10 +526,10 @@ static void check_sq_norms(const at::Tensor& sq, size_t n, const char* what) {
               " squared norms, got ", sq.scalar_type(), " ", sq.sizes());
 }
 
-static bool all_finite(const double* q, size_t n) {
+static bool any_nan(const double* q, size_t n) {
   for (size_t i = 0; i < n; ++i)
-    if (!std::isfinite(q[i])) return false;
-  return true;
+    if (std::isnan(q[i])) return true;
+  return false;
 }
 
 void lamb_pass_a(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -566,7 +568,7 @@ void lamb_pass_b(at::TensorList params, at::TensorList grads, at::TensorList exp
   const double* full = sq_norms.data_ptr<double>();
   float gscale = 1.0f;
   if (!grad_multiplier(grad_divisor, grad_scale, found_inf, maximize, &gscale)) return;
-  if (check_finite && !all_finite(full, 2 * n)) return;  // pass A wrote nothing: the step is skipped
+  if (check_finite && any_nan(full + n, n)) return;  // pass A wrote nothing: the step is skipped
   lamb_coefs(ts, state_steps, hp);
   lamb_apply_all(ts, chunk_prefix(ts), hp, gscale, check_finite, full, full + n, 1, state_steps, trust_ratios,
                  weight_norms, update_norms);
@@ -662,7 +664,8 @@ void lars_pass_a(at::TensorList params, at::TensorList grads, at::TensorList mom
   const std::vector<double> sums = lars_sums(ts, chunk_prefix(ts), lp, gscale);
   for (size_t i = 0; i < n; ++i) {
     out[i] = sums[i * 3 + 0];
-    out[n + i] = sums[i * 3 + 1];  // non-finite iff a gradient is (or a weight)
+    out[n + i] = (check_finite && !std::isfinite(sums[i * 3 + 2])) ? std::numeric_limits<double>::quiet_NaN()
+                                                                  : sums[i * 3 + 1];
   }
 }
 
@@ -678,7 +681,7 @@ void lars_pass_b(at::TensorList params, at::TensorList grads, at::TensorList mom
   const double* full = sq_norms.data_ptr<double>();
   float gscale = 1.0f;
   if (!grad_multiplier(std::nullopt, grad_scale, found_inf, maximize, &gscale)) return;
-  if (check_finite && !all_finite(full, 2 * n)) return;
+  if (check_finite && any_nan(full + n, n)) return;
   const LarsParams lp = lars_params(LARS_HP_PASS);
   lars_apply_all(ts, chunk_prefix(ts), lp, gscale, full, full + n, 1, state_steps, trust_ratios, weight_norms,
                  update_norms);

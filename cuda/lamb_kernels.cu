@@ -172,8 +172,10 @@ __global__ void lamb_prologue_kernel(int n, LambParams hp, StepScalars sc, int m
 }
 
 // FULL: the squared norms come complete from the caller (full = [||w_i||^2 .., ||u_i||^2 ..], the split
-// step's pass B), and a non-finite one is what check_finite skips on; else they are summed from pass A's
-// per-chunk partial sums.
+// step's pass B), and a NaN ||u_i||^2 (pass A's mark of a non-finite gradient, kept by the caller's sum) is
+// what check_finite skips on: not an inf one, which a finite gradient above 1.8e19 gives (its fp32 squares
+// overflow) and with which the one-call step goes ahead; else they are summed from pass A's per-chunk
+// partial sums.
 template <bool FULL>
 __global__ void lamb_finalize_kernel(int n, LambParams hp, StepScalars sc, int check_finite, const double* full,
                                      Scratch s) {
@@ -185,7 +187,7 @@ __global__ void lamb_finalize_kernel(int n, LambParams hp, StepScalars sc, int c
     if (FULL) {
       w2 = full[i];
       u2 = full[n + i];
-      g2 = w2 + u2;
+      g2 = isnan(u2) ? u2 : 0.0;
     } else {
       for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
         w2 += s.partial[c * 3 + 0];

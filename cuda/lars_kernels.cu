@@ -116,7 +116,8 @@ __global__ void lars_prologue_kernel(StepScalars sc, int maximize, Scratch s) {
   }
 }
 
-// FULL: complete squared norms from the caller (the split step's pass B), as in lamb_kernels.cu.
+// FULL: complete squared norms from the caller (the split step's pass B), as in lamb_kernels.cu: a NaN
+// ||d_i||^2 marks a non-finite d (partial_sq_norms), an inf one is a finite d whose fp32 squares overflowed.
 template <bool FULL>
 __global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int check_finite, const double* full,
                                      Scratch s) {
@@ -128,7 +129,7 @@ __global__ void lars_finalize_kernel(int n, LarsParams lp, StepScalars sc, int c
     if (FULL) {
       w2 = full[i];
       d2 = full[n + i];
-      if (!isfinite(w2) || !isfinite(d2)) nonfinite = 1;
+      if (isnan(d2)) nonfinite = 1;
     } else {
       for (int64_t c = prefix[i]; c < prefix[i + 1]; ++c) {
         w2 += s.partial[c * 3 + 0];

@@ -23,8 +23,9 @@ tensors are pieces of parameters, so their norms are partial. The step then runs
 from the completed norms, pass B, ``step += 1``), with one ``norm_reduce`` call between them: the same
 bytes per parameter as the one-call step. Skipped steps write nothing in either pass (pass A reports
 zeros, so the collective inside ``norm_reduce`` still runs on every rank); with ``check_finite`` a piece
-with an inf/NaN gradient reports a NaN ``||u||^2``, which the reduction spreads to every rank, and pass B
-skips the step wherever a completed norm is non-finite.
+with an inf/NaN gradient reports a NaN ``||u||^2`` (LARS: ``||d||^2``), which the reduction spreads to every
+rank, and pass B skips the step wherever a completed one is NaN. An inf one is not a skip: a finite gradient
+above 1.8e19 overflows its fp32 squares, and the one-call step goes ahead with it too.
 """
 
 from __future__ import annotations

@@ -437,11 +437,13 @@ def test_skipped_steps_write_nothing(algo):
     assert not torch.equal(before[0][1], params[1])
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_call", "split"])
 @pytest.mark.parametrize("algo", ["lamb", "lars"])
-def test_check_finite_takes_large_finite_gradients(algo):
-    """The CPU twin's test of the same name: the CUDA kernels summed g * g for the check, and skipped the step."""
+def test_check_finite_takes_large_finite_gradients(algo, split):
+    """The CPU twin's test of the same name: the CUDA kernels summed g * g for the check, and skipped the step
+    (the split step: skipped on the overflowed ||d||^2 that pass B reads)."""
     _check_large_finite_gradient(*((emu.lamb, _lamb_call, LAMB_KW) if algo == "lamb"
-                                   else (emu.lars, _lars_call, LARS_KW)))
+                                   else (emu.lars, _lars_call, LARS_KW)), split=split)
 
 
 @pytest.mark.parametrize("algo", ["lamb", "lars"])

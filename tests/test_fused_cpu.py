@@ -380,27 +380,36 @@ def test_check_finite_skips_the_whole_step_with_small_blocks(algo):
         assert torch.equal(a, b) and not s["m"].any() and s["step"].item() == 0
 
 
-def _check_large_finite_gradient(fn, call, kw):
+def _check_large_finite_gradient(fn, call, kw, split=False):
     """3e19 is finite, but its square overflows fp32: the finiteness check must not read it as inf (the norms
-    are summed in fp32), so the checked step equals the unchecked one instead of being skipped."""
+    are summed in fp32), so the checked step equals the unchecked one instead of being skipped. ``split``: the
+    same through the split step (pieces of the parameters and norm_reduce), whose pass B sees only the reduced
+    squared norms, an overflowed one among them."""
     params = _params(shapes=[(1000,), (7,)])
     grads = _grads(params, 0)
     grads[0][10] = 3e19
     out = {}
     for checked in (False, True):
-        p = [x.clone() for x in params]
-        st = _state(p)
-        call(fn, p, [g.clone() for g in grads], st, **kw, check_finite=checked)
+        if split:
+            pc = _Pieces(params)
+            call(fn, pc.pieces, pc.grads(grads), pc.piece_state, **kw, check_finite=checked,
+                 norm_reduce=pc.norm_reduce)
+            p, st = pc.flat, pc.state + pc.piece_state
+        else:
+            p = [x.clone() for x in params]
+            st = _state(p)
+            call(fn, p, [g.clone() for g in grads], st, **kw, check_finite=checked)
         out[checked] = p + [s[k] for s in st for k in ("m", "v", "step")]
     assert out[True][-1].item() == 1, "the checked step was skipped"
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_call", "split"])
 @pytest.mark.parametrize("algo", ["lamb", "lars"])
-def test_check_finite_takes_large_finite_gradients(algo):
+def test_check_finite_takes_large_finite_gradients(algo, split):
     _check_large_finite_gradient(*((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb"
-                                   else (_fused_lars, _lars_call, LARS_KW)))
+                                   else (_fused_lars, _lars_call, LARS_KW)), split=split)
 
 
 # ------------------------------------------------------------------------------------------- LARS

@@ -80,7 +80,8 @@ cudaError_t lars_pass_b(const Batch& b, const lamb_math::LarsParams& lp, Scratch
 // Split step: out[2n] = per-tensor partial squared norms after pass A (LAMB or LARS); zeros when skipped,
 // a NaN second norm where check_finite finds a non-finite gradient.
 cudaError_t partial_sq_norms(int n, bool check_finite, Scratch s, double* out, cudaStream_t stream);
-// As *_finalize, from complete squared norms full[2n] (a non-finite one skips the step with check_finite).
+// As *_finalize, from complete squared norms full[2n] (with check_finite a NaN second norm skips the step;
+// an inf one, from finite gradients whose fp32 squares overflow, does not).
 cudaError_t lamb_finalize_full(int n, const lamb_math::LambParams& hp, StepScalars sc, bool check_finite,
                                const double* full, Scratch s, cudaStream_t stream);
 cudaError_t lars_finalize_full(int n, const lamb_math::LarsParams& lp, StepScalars sc, bool check_finite,
