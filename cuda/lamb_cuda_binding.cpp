@@ -147,17 +147,7 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
   call.s.gscale = call.scratch_f.data_ptr<float>() + 5 * static_cast<int64_t>(n);
   call.s.partial = call.partial.data_ptr<double>();
   call.s.table = call.table_dev.data_ptr<int64_t>();
-  for (int c = 0; c < 5; ++c) {
-    if (call.numel[c].empty()) continue;
-    Batch b;
-    b.n = static_cast<int>(call.numel[c].size());
-    b.combo = c;
-    for (int k = 0; k < 5; ++k) b.ptr[k] = call.ptr[k][c].data();
-    b.numel = call.numel[c].data();
-    b.chunk_base = call.chunk_base[c].data();
-    b.id = call.id[c].data();
-    call.batches.push_back(b);
-  }
+  append_batches(call);
 }
 
 #define LAMB_HP_ARGS                                                                                           \

@@ -54,6 +54,24 @@ struct Batch {
   const int* id;             // index of each tensor in the call
 };
 
+// One Batch per dtype combination that has tensors, pointing into a call's host lists (``Call``: the binding's,
+// and tests/cuda_emu/driver.cpp's, with per-combo members ptr[k][c], numel[c], chunk_base[c], id[c]; the lists
+// must outlive the batches).
+template <class Call>
+void append_batches(Call& call) {
+  for (int c = 0; c < 5; ++c) {
+    if (call.numel[c].empty()) continue;
+    Batch b;
+    b.n = static_cast<int>(call.numel[c].size());
+    b.combo = c;
+    for (int k = 0; k < 5; ++k) b.ptr[k] = call.ptr[k][c].data();
+    b.numel = call.numel[c].data();
+    b.chunk_base = call.chunk_base[c].data();
+    b.id = call.id[c].data();
+    call.batches.push_back(b);
+  }
+}
+
 // Optional device scalars (nullptr when absent).
 struct StepScalars {
   const float* found_inf;

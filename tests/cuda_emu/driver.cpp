@@ -7,7 +7,8 @@
 // multiplier), the per-chunk partial sums and the flag.  Scratch is filled with NaN / -1 bytes, as
 // at::empty may leave anything there: a kernel that reads scratch before writing it shows NaN.  The
 // hyperparameter folding (lamb_params, lars_params) is not copied: the build extracts those two functions
-// verbatim from the binding into binding_params.inc.
+// verbatim from the binding into binding_params.inc; and the batches are built by the binding's own
+// append_batches (cuda/include/lamb_cuda.h).
 #include <stdint.h>
 #include <string.h>
 
@@ -126,17 +127,7 @@ void prepare(Call& call, const EmuTensor* ts, int n, bool has_bufs2, bool stats_
   call.s.gscale = call.scratch_f.data() + 5 * static_cast<int64_t>(n);
   call.s.partial = call.partial.data();
   call.s.table = call.table.data();
-  for (int c = 0; c < 5; ++c) {
-    if (call.numel[c].empty()) continue;
-    Batch b;
-    b.n = static_cast<int>(call.numel[c].size());
-    b.combo = c;
-    for (int k = 0; k < 5; ++k) b.ptr[k] = call.ptr[k][c].data();
-    b.numel = call.numel[c].data();
-    b.chunk_base = call.chunk_base[c].data();
-    b.id = call.id[c].data();
-    call.batches.push_back(b);
-  }
+  append_batches(call);
 }
 
 // The binding's cuda_check (a TORCH_CHECK there): the first failure ends the call.
