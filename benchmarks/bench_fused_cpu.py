@@ -57,12 +57,16 @@ def _status(key: str) -> int:
     return 0
 
 
-def make(backend: str, layers: int, hidden: int):
-    """(step function, parameters, optimizer) for one backend on its own copy of the parameters."""
+def make(backend: str, layers: int, hidden: int, shapes: list[tuple[int, ...]] | None = None):
+    """(step function, parameters, optimizer) for one backend on its own copy of the parameters.
+
+    The parameters have ``shapes``, by default the BERT-shaped set ``bert_shapes(layers, hidden)``.
+    """
     import torch
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in bert_shapes(layers, hidden)]
+    shapes = bert_shapes(layers, hidden) if shapes is None else shapes
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
@@ -168,13 +172,13 @@ def memory_one(backend: str, layers: int, hidden: int, repeats: int) -> dict:
 
 
 def time_rounds(backends: list[str], layers: int, hidden: int, rounds: int, repeats: int,
-                seed: int = 0) -> dict[str, dict]:
+                seed: int = 0, shapes: list[tuple[int, ...]] | None = None) -> dict[str, dict]:
     """All backends in one process: ``rounds`` rounds of ``repeats`` round-robin steps each, every backend's
-    tensors relocated (in a shuffled order) between rounds; see the module docstring."""
+    tensors relocated (in a shuffled order) between rounds; see the module docstring. ``shapes``: as in make."""
     built, out = {}, {}
     for b in backends:
         try:
-            built[b] = make(b, layers, hidden)
+            built[b] = make(b, layers, hidden, shapes)
         except Exception as e:  # noqa: BLE001 - a peer that is not installed
             out[b] = dict(backend=b, error=f"{type(e).__name__}: {e}")
     rng = random.Random(seed)

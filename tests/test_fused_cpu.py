@@ -3,7 +3,8 @@
 Tolerances come from fp32 rounding: the fused kernel and the reference evaluate the same expressions in
 fp32 but differ in a few roundings (reciprocal multipliers for the bias corrections and the gradient
 divisor, norms summed in short fp32 runs added in double rather than by torch's fp32 reduction), so each
-step may move an element by a few ulps of its magnitude and of its update; over ``STEPS`` steps that is ``ULPS * STEPS`` eps relative.
+step may move an element by a few ulps of its magnitude and of its update; over ``STEPS`` steps that is
+``ULPS * STEPS`` eps relative.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def isa(request):
     torch.ops.lamb_cpu.set_isa(-1)
 
 
-# Cache blocks (elements): the default (256Ki..2Mi by the cache size; every test set here fits in one block) and small ones that cut
-# SHAPES into the blocks [1..18011], [33x65, empty], [40000] (a tensor larger than the block is a block alone).
+# Cache blocks (elements): the default (256Ki..2Mi by the cache size; every test set here fits in one block) and
+# small ones that cut SHAPES into the blocks [1..18011], [33x65, empty], [40000] (a tensor larger than the block
+# is a block alone).
 BLOCKS = {"default": -1, "small": 20000}
 
 
