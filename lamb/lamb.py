@@ -644,12 +644,21 @@ def _foreach_moments(x, g, m, v, bufs, *, grad_divisor, maximize, grad_averaging
     l2 = weight_decay_mode == "l2" and weight_decay != 0
     if bufs is not None and (grad_divisor is not None or maximize or l2):
         # A private gradient copy only where it must change: the caller's .grad stays untouched.
-        torch._foreach_copy_(bufs[0], g)
-        g = bufs[0]
-        if grad_divisor is not None:
-            torch._foreach_div_(g, -grad_divisor if maximize else grad_divisor)
-        elif maximize:
-            torch._foreach_neg_(g)
+        divisor = None if grad_divisor is None else (-grad_divisor if maximize else grad_divisor)
+        if _one_pass(g, bufs[0]) and (divisor is not None or maximize):
+            # One piece: g / divisor (or -g) straight into the copy, the same op as copy-then-divide in place.
+            if divisor is not None:
+                torch.div(g[0], divisor, out=bufs[0][0])
+            else:
+                torch.neg(g[0], out=bufs[0][0])
+            g = bufs[0]
+        else:
+            torch._foreach_copy_(bufs[0], g)
+            g = bufs[0]
+            if divisor is not None:
+                torch._foreach_div_(g, divisor)
+            elif maximize:
+                torch._foreach_neg_(g)
         if l2:
             torch._foreach_add_(g, x, alpha=weight_decay)
     else:
@@ -672,26 +681,44 @@ def _foreach_moments(x, g, m, v, bufs, *, grad_divisor, maximize, grad_averaging
 def _foreach_direction(x, m, v, sc: _Scalars, blk, bufs) -> list[Tensor]:
     """u' = m / (sqrt(v) + c_eps) [+ c_wd x for "ratio"]: in the scratch views ``bufs`` or in new buffers."""
     ids = [i for i, _, _ in blk]
+    one = bufs is not None and _one_pass(v, bufs[1])
     if bufs is None:
         d = torch._foreach_sqrt(v)
     else:
         d, u = bufs[1], bufs[2]
-        torch._foreach_copy_(d, v)
-        torch._foreach_sqrt_(d)
+        if one:  # one piece: each "copy into the scratch, then op in place" as one out= op (same rounding)
+            torch.sqrt(v[0], out=d[0])
+        else:
+            torch._foreach_copy_(d, v)
+            torch._foreach_sqrt_(d)
     torch._foreach_add_(d, _per_piece(sc.c_eps, ids))
     if sc.c_wd is None:
         if bufs is None:
             return torch._foreach_div(m, d)
-        torch._foreach_copy_(u, m)
-        torch._foreach_div_(u, d)
+        if one:
+            torch.div(m[0], d[0], out=u[0])
+        else:
+            torch._foreach_copy_(u, m)
+            torch._foreach_div_(u, d)
         return u
+    c_wd = _per_piece(sc.c_wd, ids)
     if bufs is None:
-        u = torch._foreach_mul(x, _per_piece(sc.c_wd, ids))
+        u = torch._foreach_mul(x, c_wd)
+    elif one:
+        torch.mul(x[0], c_wd if not isinstance(c_wd, list) else c_wd[0], out=u[0])
     else:
         torch._foreach_copy_(u, x)
-        torch._foreach_mul_(u, _per_piece(sc.c_wd, ids))
+        torch._foreach_mul_(u, c_wd)
     torch._foreach_addcdiv_(u, m, d)
     return u
+
+
+def _one_pass(src: list[Tensor], dst: list[Tensor]) -> bool:
+    """Whether ``dst <- op(src)`` can run as one out= op instead of ``copy_`` then the op in place: a block of
+    one piece (the large tensors, cut by ``_chunks.by_block``: nearly all the bytes) whose source already has
+    the scratch's dtype, so the op computes in the same dtype either way. Packed blocks of many small tensors
+    keep the foreach pair (one call each instead of one Python call per tensor)."""
+    return len(src) == 1 and src[0].dtype == dst[0].dtype
 
 
 def _ratios(w_norm: Tensor, u_norm: Tensor, *, adapt: bool, min_trust_ratio: float | None,

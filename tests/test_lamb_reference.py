@@ -3,8 +3,9 @@
 Every variant switch is run for 7 steps on the edge-case parameter set of ``reference.make_params``
 (sizes 1, 18011, a matrix, an empty tensor, a zero-initialised tensor, a gradient that is exactly
 zero at step 1, a gradient that is None at step 3, a frozen parameter), in two param groups (the
-second with weight_decay 0 and its own lr), with foreach off and on.  After every step the parameters
-and every state tensor (step, exp_avg, exp_avg_sq, trust_ratio, weight_norm, update_norm) are compared.
+second with weight_decay 0 and its own lr), with foreach off, on, and on with a small cache block.  After
+every step the parameters and every state tensor (step, exp_avg, exp_avg_sq, trust_ratio, weight_norm,
+update_norm) are compared.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import pytest
 import torch
 
-from lamb import Lamb
+from lamb import Lamb, _chunks
 from reference import (
     F32_EPS,
     RefLamb,
@@ -102,10 +103,24 @@ def compare(opt, ref, step, rtol, atol_scale, label=""):
             assert math.isclose(got, want, rel_tol=max(rtol, 4 * F32_EPS), abs_tol=1e-30), (label, step, key, name, got, want)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["for_loop", "foreach"])
+# The backends under test: the reference for-loop, foreach, and foreach with a cache block of 561 elements
+# (lamb._chunks.BLOCK; the default 2**18 holds this whole parameter set in one block): "big" (18011) is then cut
+# into 33 pieces, each a block alone whose direction goes to the tensor-sized buffer, "matrix" (33x17 = 561)
+# fills a block alone (the one-piece ops straight into the scratch), and the small tensors are packed together.
+BACKENDS = {"for_loop": (False, None), "foreach": (True, None), "foreach_block561": (True, 561)}
+
+
+def _backend(name, monkeypatch):
+    foreach, block = BACKENDS[name]
+    if block is not None:
+        monkeypatch.setattr(_chunks, "BLOCK", block)
+    return foreach
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_float64_matches_reference(variant, foreach):
-    params, groups, opt, ref = build(variant, foreach=foreach)
+def test_float64_matches_reference(variant, backend, monkeypatch):
+    params, groups, opt, ref = build(variant, foreach=_backend(backend, monkeypatch))
     names = param_names(params)
     frozen_before = params["frozen"].detach().clone()
     for step in range(1, STEPS + 1):
@@ -123,13 +138,13 @@ def test_float64_matches_reference(variant, foreach):
     assert params["zeros"].detach().abs().sum() > 0
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["for_loop", "foreach"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize(
     "variant", ["alg2_default", "bias_correction_lr_deepspeed", "decay_decoupled", "nvlamb", "deepspeed_bing_bert"]
 )
-def test_float32_matches_reference(variant, foreach):
+def test_float32_matches_reference(variant, backend, monkeypatch):
     """fp32 run against the float64 reference fed the same (fp32-representable) init and gradients."""
-    params, groups, opt, ref = build(variant, dtype=torch.float32, foreach=foreach)
+    params, groups, opt, ref = build(variant, dtype=torch.float32, foreach=_backend(backend, monkeypatch))
     names = param_names(params)
     numel = max(p.numel() for p in params.values())
     for step in range(1, STEPS + 1):
