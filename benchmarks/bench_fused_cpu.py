@@ -38,16 +38,28 @@ BACKENDS = ["lamb_fused", "lamb_fused_unblocked", "lamb_foreach", "lamb_compiled
             "torch_optimizer_lamb", "torch_adamw_fused"]
 
 
-def bert_shapes(layers: int, hidden: int, vocab: int = 30522, positions: int = 512) -> list[tuple[int, ...]]:
-    inter = 4 * hidden
-    shapes: list[tuple[int, ...]] = [(vocab, hidden), (positions, hidden), (2, hidden), (hidden,), (hidden,)]
+# Roles of bert_roles' tensors (bench_tensor_classes.py times each role on its own).
+EMBEDDING, FEED_FORWARD, ATTENTION, SMALL = (
+    "word embedding", "feed-forward matrices", "attention matrices (+ pooler)",
+    "the rest (position/type embeddings, biases, LayerNorm)")
+
+
+def bert_roles(layers: int, hidden: int, vocab: int = 30522,
+               positions: int = 512) -> list[tuple[str, tuple[int, ...]]]:
+    """(role, shape) of each parameter of a BERT encoder, in model order."""
+    inter, h = 4 * hidden, hidden
+    out = [(EMBEDDING, (vocab, h)), (SMALL, (positions, h)), (SMALL, (2, h)), (SMALL, (h,)), (SMALL, (h,))]
     for _ in range(layers):
-        shapes += [(hidden, hidden), (hidden,)] * 4  # q, k, v, attention output
-        shapes += [(hidden,), (hidden,)]             # LayerNorm
-        shapes += [(inter, hidden), (inter,), (hidden, inter), (hidden,)]
-        shapes += [(hidden,), (hidden,)]             # LayerNorm
-    shapes += [(hidden, hidden), (hidden,)]          # pooler
-    return shapes
+        out += [(ATTENTION, (h, h)), (SMALL, (h,))] * 4  # q, k, v, attention output
+        out += [(SMALL, (h,)), (SMALL, (h,))]             # LayerNorm
+        out += [(FEED_FORWARD, (inter, h)), (SMALL, (inter,)), (FEED_FORWARD, (h, inter)), (SMALL, (h,))]
+        out += [(SMALL, (h,)), (SMALL, (h,))]             # LayerNorm
+    out += [(ATTENTION, (h, h)), (SMALL, (h,))]           # pooler
+    return out
+
+
+def bert_shapes(layers: int, hidden: int, vocab: int = 30522, positions: int = 512) -> list[tuple[int, ...]]:
+    return [shape for _, shape in bert_roles(layers, hidden, vocab, positions)]
 
 
 def _status(key: str) -> int:

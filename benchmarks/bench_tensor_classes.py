@@ -25,10 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import Counter
 from pathlib import Path
 
 from bench_fused_cpu import (
+    ATTENTION,
+    EMBEDDING,
+    FEED_FORWARD,
+    SMALL,
+    bert_roles,
     bert_shapes,
     machine,
     time_rounds,
@@ -38,21 +42,13 @@ from bench_fused_cpu import (
 
 HERE = Path(__file__).resolve().parent
 WHOLE = "whole set"
-EMBEDDING = "word embedding"
 
 
 def bert_classes(layers: int, hidden: int, vocab: int = 30522, positions: int = 512) -> dict[str, list[tuple]]:
-    """The tensors of ``bert_shapes(layers, hidden)`` by role (the union is that list, as a multiset)."""
-    inter = 4 * hidden
-    classes = {
-        EMBEDDING: [(vocab, hidden)],
-        "feed-forward matrices": [(inter, hidden), (hidden, inter)] * layers,
-        "attention matrices (+ pooler)": [(hidden, hidden)] * (4 * layers + 1),
-        "the rest (position/type embeddings, biases, LayerNorm)":
-            [(positions, hidden), (2, hidden)] + [(hidden,)] * (2 + 9 * layers + 1) + [(inter,)] * layers,
-    }
-    union = Counter(s for shapes in classes.values() for s in shapes)
-    assert union == Counter(bert_shapes(layers, hidden, vocab, positions)), "bert_classes out of step with bert_shapes"
+    """The tensors of ``bert_shapes(layers, hidden)`` grouped by their role in ``bert_roles``."""
+    classes: dict[str, list[tuple]] = {role: [] for role in (EMBEDDING, FEED_FORWARD, ATTENTION, SMALL)}
+    for role, shape in bert_roles(layers, hidden, vocab, positions):
+        classes[role].append(shape)
     return classes
 
 
