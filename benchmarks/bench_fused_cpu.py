@@ -2,9 +2,9 @@
 
     python benchmarks/bench_fused_cpu.py [--rounds 5] [--repeats 3] [--layers 9] [--hidden 512] [--no-compiled]
 
-Peers in the same run: lamb.Lamb fused (and fused with its cache blocking off) / foreach / reference,
-torch.compile of the foreach step, timm's Lamb, torch-optimizer's Lamb, and torch.optim.AdamW(fused=True) as
-the yardstick (one pass, 28 bytes a parameter; fused LAMB moves 40).
+Peers in the same run: lamb.Lamb fused (and fused with its cache blocking off, and with no scratch for a tensor
+alone in its block) / foreach / reference, torch.compile of the foreach step, timm's Lamb, torch-optimizer's Lamb,
+and torch.optim.AdamW(fused=True) as the yardstick (one pass, 28 bytes a parameter; fused LAMB moves 40).
 
 Times: every backend in one process, in rounds. Within a round the backends are stepped round-robin
 (``--repeats`` steps each), so load from other jobs on a shared machine hits them alike. Between rounds every
@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ["lamb_fused", "lamb_fused_unblocked", "lamb_foreach", "lamb_compiled", "lamb_reference", "timm_lamb",
-            "torch_optimizer_lamb", "torch_adamw_fused"]
+BACKENDS = ["lamb_fused", "lamb_fused_unblocked", "lamb_fused_no_lone_scratch", "lamb_foreach", "lamb_compiled",
+            "lamb_reference", "timm_lamb", "torch_optimizer_lamb", "torch_adamw_fused"]
 
 
 # Roles of bert_roles' tensors (bench_tensor_classes.py times each role on its own).
@@ -88,9 +88,11 @@ def make(backend: str, layers: int, hidden: int, shapes: list[tuple[int, ...]] |
         import lamb
 
         # The fused kernel with a set cache block: lamb_fused@<elems> (--blocks sweeps it), and
-        # lamb_fused_unblocked (block 0, blocking off: what blocking gains).
-        block = 0 if backend == "lamb_fused_unblocked" else (
-            int(backend.split("@")[1]) if backend.startswith("lamb_fused@") else None)
+        # lamb_fused_unblocked (block 0, blocking off: what blocking gains); lamb_fused_no_lone_scratch: the
+        # default block, but a tensor alone in its block recomputes u in pass B (scratch limit 0: what the
+        # scratch of such tensors gains).  -1: the kernel's default.
+        block, limit = {"lamb_fused_unblocked": (0, -1), "lamb_fused_no_lone_scratch": (-1, 0)}.get(
+            backend, (int(backend.split("@")[1]), -1) if backend.startswith("lamb_fused@") else (None, None))
         flags = dict(fused=True) if block is not None else {
             "lamb_fused": dict(fused=True), "lamb_foreach": dict(foreach=True),
             "lamb_compiled": dict(foreach=True), "lamb_reference": dict(foreach=False)}[backend]
@@ -101,14 +103,15 @@ def make(backend: str, layers: int, hidden: int, shapes: list[tuple[int, ...]] |
         if block is not None:
             from lamb import ops
 
-            ops.load_cpu()  # the wrapper calls the kernel's set_cache_block before the first step loads it
+            ops.load_cpu()  # the wrapper calls the kernel's knobs before the first step loads it
 
-            def step(_step=opt.step, _block=block):
-                prev = torch.ops.lamb_cpu.set_cache_block(_block)
+            def step(_step=opt.step, _block=block, _limit=limit):
+                prev = (torch.ops.lamb_cpu.set_cache_block(_block), torch.ops.lamb_cpu.set_scratch_limit(_limit))
                 try:
                     _step()
                 finally:
-                    torch.ops.lamb_cpu.set_cache_block(prev)
+                    torch.ops.lamb_cpu.set_cache_block(prev[0])
+                    torch.ops.lamb_cpu.set_scratch_limit(prev[1])
     elif backend == "timm_lamb":
         from bench_step import _load_timm_lamb  # timm's Lamb without torchvision (see bench_step.py)
 
@@ -350,6 +353,11 @@ def report_lines(report: dict, command: str) -> list[str]:
             lines.append(f"- cache blocking: unblocked / blocked = {_paired(u)} paired, {u['min_ms'] / f:.2f} "
                          f"min over min (default block: {report['cache_block']} elements; pass B finds w and u "
                          "in cache for the tensors of a block)")
+        if "lamb_fused_no_lone_scratch" in by:
+            u = by["lamb_fused_no_lone_scratch"]
+            lines.append(f"- scratch of a tensor alone in its block: without / with = {_paired(u)} paired, "
+                         f"{u['min_ms'] / f:.2f} min over min (default limit: {report.get('scratch_limit')} "
+                         "elements; larger tensors recompute u in pass B)")
     return lines
 
 
@@ -397,11 +405,13 @@ def main() -> None:
             ratios[f"{name}_over_fused"] = r["min_ms"] / f
     import torch
 
-    try:
-        default_block = torch.ops.lamb_cpu.set_cache_block(-1)  # returns the current (default) block, keeps it
+    try:  # -1 returns the current (default) value and keeps it
+        default_block = torch.ops.lamb_cpu.set_cache_block(-1)
+        scratch_limit = torch.ops.lamb_cpu.set_scratch_limit(-1)
     except (AttributeError, RuntimeError):  # the fused kernel was not among the backends
-        default_block = None
+        default_block = scratch_limit = None
     report = dict(machine=machine(), versions=versions(), rows=rows, ratios=ratios, cache_block=default_block,
+                  scratch_limit=scratch_limit,
                   layers=args.layers, hidden=args.hidden, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
                   note=("glibc's mmap threshold raised first, as in a training process; one warm-up step per "
                         "backend (and one after each relocation); the machine is shared "

@@ -95,7 +95,8 @@ def report_lines(report: dict, command: str) -> list[str]:
         (f"{report['rounds']} rounds x {report['repeats']} steps per optimizer, each class in one process, tensors "
          "moved to fresh allocations between rounds (as in bench_fused_cpu.py). Ratios: per round, the LAMB "
          "variant's best step over AdamW's best step; the median over rounds and the range. "
-         f"Default cache block: {report['cache_block']} elements."),
+         f"Default cache block: {report['cache_block']} elements; a tensor alone in its block keeps its update "
+         f"in the scratch up to {report.get('scratch_limit')} elements (lamb_fused_no_lone_scratch: none does)."),
         "",
         ("| class | elements | tensors | AdamW ms | share of AdamW time | "
          + " | ".join(f"{b} / AdamW" for b in lamb_rows) + " |"),
@@ -111,7 +112,7 @@ def report_lines(report: dict, command: str) -> list[str]:
     lines += ["", "Put together (classes weighted by their share of AdamW's time):",
               (f"- the set at the default block, as the classes predict it: {s['predicted_default']:.2f}x AdamW "
                f"(measured on the whole set: {s['over_adamw'][WHOLE]['lamb_fused'][0]:.2f}x); with each class at "
-               f"its best block in this run: {s['predicted_best_block']:.2f}x")]
+               f"its best setting in this run: {s['predicted_best_block']:.2f}x")]
     if "asked_over_adamw" in s:
         e = EMBEDDING
         lines += [
@@ -148,7 +149,8 @@ def main() -> None:
         ap.error(f"--blocks must be >= 0 (0: blocking off), got {args.blocks!r}")
     from tqdm import tqdm
 
-    lamb_rows = ["lamb_fused", "lamb_fused_unblocked"] + [f"lamb_fused@{b}" for b in blocks]
+    lamb_rows = ["lamb_fused", "lamb_fused_unblocked", "lamb_fused_no_lone_scratch"]
+    lamb_rows += [f"lamb_fused@{b}" for b in blocks]
     classes = bert_classes(args.layers, args.hidden)
     classes[WHOLE] = bert_shapes(args.layers, args.hidden)
     training_allocator_state()
@@ -164,7 +166,9 @@ def main() -> None:
 
     report = {"machine": machine(), "versions": versions(), "rounds": args.rounds, "repeats": args.repeats,
               "seed": args.seed, "layers": args.layers, "hidden": args.hidden,
-              "cache_block": int(torch.ops.lamb_cpu.set_cache_block(-1)),  # -1: report the default, keep it
+              # -1: report the default, keep it
+              "cache_block": int(torch.ops.lamb_cpu.set_cache_block(-1)),
+              "scratch_limit": int(torch.ops.lamb_cpu.set_scratch_limit(-1)),
               "lamb_rows": lamb_rows, "classes": timed, "summary": summarise(timed, lamb_rows)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,12 @@
 // (a larger tensor is a block by itself); pass A, the ratios and pass B run block by block, so pass B finds
 // w, m, v (g for LARS) of a block still in the last-level cache where pass A left them, and memory traffic for
 // such tensors drops to pass A's (24 B/param for fp32 LAMB) plus the write of w.  LAMB's pass A also keeps each
-// element's u in a block-sized scratch buffer (attach_scratch), so that pass B reads w and u and computes
-// w - s u without m, v, the square root and the division: a CPU with fast memory is bound by that arithmetic,
-// which LAMB would otherwise do twice.  Results are bit-identical to unblocked stepping: each tensor's norms
-// are summed over the same fixed chunks in the same order, and u is the same value either way.  Not with
-// check_finite (every gradient is checked before anything is written) nor in the split ops (the norms are
-// completed by the caller between the passes).
+// element's u in a scratch buffer (attach_scratch), so that pass B reads w and u and computes w - s u without
+// m, v, the square root and the division: a CPU with fast memory is bound by that arithmetic, which LAMB would
+// otherwise do twice.  A tensor alone in its block keeps a scratch too, up to g_scratch_limit elements.
+// Results are bit-identical to unblocked stepping: each tensor's norms are summed over the same fixed chunks in
+// the same order, and u is the same value either way.  Not with check_finite (every gradient is checked before
+// anything is written) nor in the split ops (the norms are completed by the caller between the passes).
 //
 // Threads: at::parallel_for over chunks of kChunk elements.  The norms' partial sums live in a buffer of
 // at most kWave chunks (pass A runs in waves of kWave chunks), so no allocation grows with the
@@ -64,9 +64,10 @@ constexpr int64_t kWave = 256;     // chunks per pass-A wave (the partial-sum bu
 // 1Mi block (the feed-forward matrices with their scratch, 20 MiB) ran 12-23% faster or slower than 512Ki from
 // one process to the next: the margin of half the cache keeps the default clear of that.  On a 2-vCPU Zen 3
 // (AVX2, 32 MiB L3; zen3/) 256Ki..2Mi were within 2% on the whole set and blocking gained 13%; by tensor class
-// (bench_tensor_classes.py) 1Mi ran the feed-forward matrices 1.15x AdamW against 1.27x at 512Ki, the
-// attention matrices 1.21x against 1.15x, which evens out over the set.  The 2Mi cap bounds the per-thread
-// scratch (8 MiB).
+// (bench_tensor_classes.py) 1Mi ran the feed-forward matrices (1Mi elements each) 1.15x AdamW against 1.27x at
+// 512Ki, the attention matrices 1.21x against 1.15x, which evens out over the set: the feed-forward gain was
+// their scratch, which a tensor alone in its block now keeps at any block size (default_scratch_limit).  The
+// 2Mi cap bounds a block of several tensors' scratch (8 MiB).
 constexpr int64_t kMinBlock = int64_t{1} << 18;
 constexpr int64_t kMaxBlock = int64_t{1} << 21;
 constexpr int64_t kUnknownCacheBlock = int64_t{1} << 20;
@@ -89,15 +90,38 @@ static int64_t sysfs_l3_bytes() {
   return 0;
 }
 
-static int64_t default_block() {
+// The last-level cache in bytes: sysfs, else sysconf; 0 where neither knows.
+static int64_t llc_bytes() {
   int64_t llc = sysfs_l3_bytes();
 #ifdef _SC_LEVEL3_CACHE_SIZE
   if (llc <= 0) llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
+  return llc > 0 ? llc : 0;
+}
+
+static int64_t default_block(int64_t llc) {
   if (llc <= 0) return kUnknownCacheBlock;
   int64_t b = kMinBlock;
   while (b * 2 <= kMaxBlock && b * 2 * 20 * 2 <= llc) b *= 2;
   return b;
+}
+
+// Default scratch limit: a tensor alone in its block (larger than the cache block) keeps its u in the scratch
+// up to the size whose pass-A data with the scratch (20 B an element) come to twice the last-level cache, at
+// most 4Mi elements (a 16 MiB buffer); 4Mi where the cache size is unknown.  Where such a tensor has left the
+// cache before pass B, the scratch costs the same bytes (pass A writes u, 4 B; pass B reads w and u, 8 B,
+// instead of w, m, v, 12 B) plus the read for ownership of the scratch's lines, and saves pass B's square root
+// and division: that pays while much of the tensor is still in cache when pass B comes.  Measured with tensors
+// of one shape on a 2-vCPU Zen 3 (32 MiB L3, a limit of 3.36M elements by this rule; pass A + B against
+// torch's fused AdamW, median of 7-9 rounds, without -> with the scratch): 1Mi elements (20 MiB) 1.29x ->
+// 1.15x, 2Mi (40 MiB) 1.56x -> 1.44x, 768 x 3072 (BERT-base's feed-forward matrices, 45 MiB) 1.55x -> 1.47x,
+// 4Mi (80 MiB) 1.52x -> 1.55x, 8Mi 1.57x -> 1.60x, the 30522 x 512 word embedding (15.6M, 298 MiB) 1.61x ->
+// 1.70x.
+constexpr int64_t kMaxScratch = int64_t{1} << 22;
+
+static int64_t default_scratch_limit(int64_t llc) {
+  if (llc <= 0) return kMaxScratch;
+  return std::min(kMaxScratch, 2 * llc / 20);
 }
 
 enum Combo : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBF16Master = 3, kF16Master = 4 };
@@ -196,12 +220,23 @@ int64_t set_isa(int64_t which) {
 
 // Elements per cache block (0: no blocking, every tensor in one block); set_cache_block(-1) restores the
 // default.  Returns the previous value (benchmarks sweep it, tests force tiny blocks).
-static const int64_t kDefaultBlock = default_block();
+static const int64_t kDefaultBlock = default_block(llc_bytes());
 static int64_t g_block = kDefaultBlock;
 
 int64_t set_cache_block(int64_t elems) {
   const int64_t prev = g_block;
   g_block = elems < 0 ? kDefaultBlock : elems;
+  return prev;
+}
+
+// The largest tensor alone in a block that keeps a scratch (0: none does; blocks of several tensors, at most
+// g_block elements, always do); set_scratch_limit(-1) restores the default.  Returns the previous value.
+static const int64_t kDefaultScratchLimit = default_scratch_limit(llc_bytes());
+static int64_t g_scratch_limit = kDefaultScratchLimit;
+
+int64_t set_scratch_limit(int64_t elems) {
+  const int64_t prev = g_scratch_limit;
+  g_scratch_limit = elems < 0 ? kDefaultScratchLimit : elems;
   return prev;
 }
 
@@ -313,16 +348,16 @@ static bool gradients_finite(const std::vector<double>& sums) {
   return true;
 }
 
-// The update scratch of the blocked one-call LAMB step: a block of at most g_block elements keeps u in a
-// per-thread buffer of the block's size (at most g_block floats, 8 MiB at most by default; reused across steps,
-// so nothing is allocated that grows with the parameter count).  Pass A writes it while the block's data
-// are in cache, pass B reads it instead of m and v and skips the sqrt and the division: on CPUs where the
-// step is bound by arithmetic rather than memory that is most of pass B's cost.  A tensor larger than the
-// block (a block by itself) has no scratch and recomputes u.
+// The update scratch of the blocked one-call LAMB step: a block of at most g_block elements, or a tensor alone
+// in its block of at most g_scratch_limit, keeps u in a per-thread buffer of the block's size (at most
+// max(g_block, g_scratch_limit) floats, 16 MiB at most by default; reused across steps, so nothing is allocated
+// that grows with the parameter count).  Pass A writes it, pass B reads it instead of m and v and skips the
+// sqrt and the division: on CPUs where the step is bound by arithmetic rather than memory that is most of pass
+// B's cost.  A larger tensor has no scratch and recomputes u (see default_scratch_limit).
 static void attach_scratch(std::vector<TensorRef>& block) {
   int64_t total = 0;
   for (const TensorRef& t : block) total += t.numel;
-  if (g_block <= 0 || total == 0 || total > g_block) return;
+  if (g_block <= 0 || total == 0 || total > std::max(g_block, g_scratch_limit)) return;
   static thread_local std::vector<float> scratch;
   if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(static_cast<size_t>(total));
   int64_t off = 0;
@@ -741,4 +776,5 @@ TORCH_LIBRARY(lamb_cpu, m) {
       &lamb_cpu::lars_pass_b);
   m.def("set_isa(int which) -> int", &lamb_cpu::set_isa);
   m.def("set_cache_block(int elems) -> int", &lamb_cpu::set_cache_block);
+  m.def("set_scratch_limit(int elems) -> int", &lamb_cpu::set_scratch_limit);
 }

@@ -57,17 +57,21 @@ def isa(request):
     torch.ops.lamb_cpu.set_isa(-1)
 
 
-# Cache blocks (elements): the default (256Ki..2Mi by the cache size; every test set here fits in one block) and
-# small ones that cut SHAPES into the blocks [1..18011], [33x65, empty], [40000] (a tensor larger than the block
-# is a block alone).
-BLOCKS = {"default": -1, "small": 20000}
+# Cache blocks and scratch limits (elements): the default block (256Ki..2Mi by the cache size; every test set here
+# fits in one block, which keeps u in the scratch) and small blocks that cut SHAPES into the blocks [1..18011],
+# [33x65, empty], [40000] (a tensor larger than the block is a block alone), whose 40000 keeps a scratch under
+# the default limit and recomputes u in pass B under a limit of 0.
+BLOCKS = {"default": (-1, -1), "small": (20000, -1), "small_no_lone_scratch": (20000, 0)}
 
 
 @pytest.fixture(params=list(BLOCKS))
 def block(request):
-    torch.ops.lamb_cpu.set_cache_block(BLOCKS[request.param])
+    blk, limit = BLOCKS[request.param]
+    torch.ops.lamb_cpu.set_cache_block(blk)
+    torch.ops.lamb_cpu.set_scratch_limit(limit)
     yield request.param
     torch.ops.lamb_cpu.set_cache_block(-1)
+    torch.ops.lamb_cpu.set_scratch_limit(-1)
 
 
 def _state(params, masters=False):
@@ -294,18 +298,21 @@ def test_cache_blocking_is_bit_identical(algo):
     fn, call, kw = ((_fused_lamb, _lamb_call, LAMB_KW) if algo == "lamb" else (_fused_lars, _lars_call, LARS_KW))
     out = {}
     try:
-        for blk in (0, 1, 100, 20000, 10**9):
+        # (block, scratch limit for a tensor alone in its block): 40000 alone with and without its scratch
+        for blk, limit in ((0, -1), (1, -1), (1, 0), (100, -1), (100, 0), (20000, -1), (20000, 0), (10**9, -1)):
             torch.ops.lamb_cpu.set_cache_block(blk)
+            torch.ops.lamb_cpu.set_scratch_limit(limit)
             p = [x.clone() for x in params]
             st = _state(p)
             for step in range(3):
                 call(fn, p, _grads(params, step), st, **kw)
-            out[blk] = p + [s[k] for s in st for k in ("m", "v", "tr", "wn", "un", "step")]
+            out[blk, limit] = p + [s[k] for s in st for k in ("m", "v", "tr", "wn", "un", "step")]
     finally:
         torch.ops.lamb_cpu.set_cache_block(-1)
-    for blk, tensors in out.items():
-        for i, (a, b) in enumerate(zip(out[0], tensors)):
-            assert torch.equal(a, b), f"block {blk}: tensor {i} differs from the unblocked step"
+        torch.ops.lamb_cpu.set_scratch_limit(-1)
+    for key, tensors in out.items():
+        for i, (a, b) in enumerate(zip(out[0, -1], tensors)):
+            assert torch.equal(a, b), f"block, scratch limit {key}: tensor {i} differs from the unblocked step"
 
 
 def _l3_bytes() -> int:
@@ -344,6 +351,20 @@ def test_default_cache_block_follows_the_cache_size():
         assert torch.ops.lamb_cpu.set_cache_block(-1) == 12345
     finally:
         torch.ops.lamb_cpu.set_cache_block(prev)
+
+
+def test_default_scratch_limit_follows_the_cache_size():
+    # A tensor alone in its block keeps u in the scratch up to the size whose 20 B an element come to twice the
+    # last-level cache, at most 4Mi elements, 4Mi where the cache size is unknown (default_scratch_limit).
+    llc = _l3_bytes()
+    expected = 1 << 22 if llc <= 0 else min(1 << 22, 2 * llc // 20)
+    prev = torch.ops.lamb_cpu.set_scratch_limit(-1)
+    try:
+        assert torch.ops.lamb_cpu.set_scratch_limit(-1) == expected
+        assert torch.ops.lamb_cpu.set_scratch_limit(777) == expected
+        assert torch.ops.lamb_cpu.set_scratch_limit(-1) == 777
+    finally:
+        torch.ops.lamb_cpu.set_scratch_limit(prev)
 
 
 def test_isa_cap_from_the_environment(monkeypatch):
