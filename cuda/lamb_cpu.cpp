@@ -1,7 +1,8 @@
 // The fused CPU twin of the LAMB and LARS kernels: torch.ops.lamb_cpu.lamb_step_ / lars_step_.
 //
 // Same pass structure as the CUDA kernels and the same per-element math (include/lamb_math.h):
-//   pass A  reads g, w, m, v; writes m, v (unless finiteness must first be checked); accumulates
+//   pass A  reads g, w, m, v; writes m, v (unless finiteness must first be checked, or the moments are stored
+//           in 16 bits and the tensor has no scratch: see defer_moments in cpu/lamb_cpu_kernels.inc); accumulates
 //           ||w||^2, ||u||^2 (and with check_finite sum g^2, finite iff every g is) per chunk: fp32 runs of
 //           256 elements added in double (see kSumRun in cpu/lamb_cpu_kernels.inc);
 //   ratio   per tensor, from the chunk sums added in chunk order (fixed chunking: the result does not

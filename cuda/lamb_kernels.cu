@@ -3,6 +3,8 @@
 // fp32 bytes a parameter a step: pass A reads g, w, m, v and writes m, v (24), pass B reads w, m, v and
 // writes w (16): 40.  With check_finite pass A only reads (16) and pass B reads g, w, m, v and writes
 // m, v, w (28): 44.  bf16/fp16 with fp32 masters: pass A 2+4+8 read + 8 written, pass B 12 read + 4+2 written.
+// bf16/fp16 without masters (16-bit moments): pass A reads g, w, m, v (8), pass B reads them again and writes
+// m, v, w (8 + 6): 22 (see defer_moments).
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -33,8 +35,7 @@ struct LambAFunctor {
     for (int k = 0; k < V; ++k) {
       const float gk = gf[k] * gs;
       lamb_math::lamb_moments(gk, wf[k], mf[k], vf[k], hp);
-      mf[k] = lamb_math::round_to<S>(mf[k]);
-      vf[k] = lamb_math::round_to<S>(vf[k]);
+      // u from the step's fp32 moments (the reference's); only their stores round to S
       const float u = lamb_math::lamb_update(mf[k], vf[k], wf[k], hp, c);
       aw += wf[k] * wf[k];
       au += u * u;
@@ -104,8 +105,6 @@ struct LambBFunctor {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         lamb_math::lamb_moments(gf[k] * gs, wf[k], mf[k], vf[k], hp);
-        mf[k] = lamb_math::round_to<S>(mf[k]);
-        vf[k] = lamb_math::round_to<S>(vf[k]);
       }
       store_f<V>(m, i, mf);
       store_f<V>(v, i, vf);
@@ -263,8 +262,13 @@ cudaError_t partial_sq_norms(int n, bool check_finite, Scratch s, double* out, c
   return cudaGetLastError();
 }
 
+// Moments stored in bf16/fp16 (no master weights): pass B cannot get pass A's u back from the rounded m, v it
+// would read, so pass A only reads and pass B recomputes m, v from g, as with check_finite (22 bytes a
+// parameter instead of 20), and both passes take u from the fp32 moments.
+static bool defer_moments(int combo) { return combo == kBF16 || combo == kF16; }
+
 cudaError_t lamb_pass_a(const Batch& b, const LambParams& hp, bool write_state, Scratch s, cudaStream_t stream) {
-  if (write_state) {
+  if (write_state && !defer_moments(b.combo)) {
     LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id,
                                                              stream, LambAFunctor<P, S, MASTER, true>(), hp, s))
   } else {
@@ -275,7 +279,7 @@ cudaError_t lamb_pass_a(const Batch& b, const LambParams& hp, bool write_state, 
 }
 
 cudaError_t lamb_pass_b(const Batch& b, const LambParams& hp, bool recompute, Scratch s, cudaStream_t stream) {
-  if (recompute) {
+  if (recompute || defer_moments(b.combo)) {
     LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id,
                                                              stream, LambBFunctor<P, S, MASTER, true>(), hp, s))
   } else {

@@ -146,9 +146,13 @@ class LayerwiseOptimizer(Optimizer):
             return self._collect(group)
         return self._partition_layout.collect(self, group)
 
-    def _backend_kwargs(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+    def _backend_kwargs(self, group: dict[str, Any], params: list[Tensor],
+                        states: list[dict[str, Any]]) -> dict[str, Any]:
         if self._partition_layout is None:
-            return {"backend": self._backend(group, params)}
+            backend = self._backend(group, params)
+            if backend == "fused":
+                self._lay_out_like_params(params, states)
+            return {"backend": backend}
         # Pieces of parameters: the two-pass norm_reduce path (foreach, or the fused CPU split step).
         return {"backend": self._partitioned_backend(group, params),
                 "norm_reduce": self._partition_layout.norm_reduce(group)}
@@ -190,6 +194,19 @@ class LayerwiseOptimizer(Optimizer):
                 state[key] = torch.ones((), dtype=torch.float32, device=p.device) if key == "trust_ratio" \
                     else torch.zeros((), dtype=torch.float32, device=p.device)
         return state
+
+    def _lay_out_like_params(self, params: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Before a fused step: the kernels read a parameter's state buffers with the parameter's strides, so a
+        buffer laid out differently (state loaded from a contiguous model into a channels_last one, or a model
+        converted with ``.to(memory_format=...)`` after its state was created) is copied once, in the state, into
+        the parameter's layout. Values are unchanged; every later step finds the strides equal."""
+        keys = (*self._moment_keys, "master_param")
+        for p, st in zip(params, states):
+            stride = p.stride()
+            for key in keys:
+                buf = st.get(key)
+                if buf is not None and buf.stride() != stride and p.numel():
+                    st[key] = torch.empty_like(p, dtype=buf.dtype).copy_(buf)
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
         """Parameters with a gradient, their gradients and their (lazily created) states."""

@@ -17,6 +17,13 @@ divides the gradients (unscaling folded into pass A). With ``check_finite=True``
 non-finite gradients itself: LAMB's pass A then only reads, and pass B recomputes the moments from g and
 writes m, v, x (44 B/param instead of 40); LARS's pass A only reads anyway, so its check is free.
 
+bf16/fp16 parameters without master weights keep m, v in 16 bits, and the update u is computed from the
+step's fp32 moments before they are rounded to that storage, as the reference backend does (from the rounded
+fp16 ``v`` a small gradient's ``(1 - beta2) g^2`` would underflow to 0 and ``m / (sqrt(v) + eps)`` become
+``m / eps``). Pass B cannot get that u back from the stored moments, so for these tensors LAMB's pass A only
+reads and pass B recomputes m, v from g, as with ``check_finite`` (22 B/param instead of 20), except where the
+CPU kernel keeps u in its cache-block scratch.
+
 Partitioned parameters (``norm_reduce``, ZeRO-1/2 and ZeRO-Offload through :mod:`lamb.deepspeed`): the
 tensors are pieces of parameters, so their norms are partial. The step then runs as two ops per device,
 ``lamb_pass_a_`` (pass A; writes the pieces' partial squared norms, float64) and ``lamb_pass_b_`` (ratio
@@ -49,15 +56,17 @@ _DENOMINATORS = {"sum": 0, "norm": 1}
 
 
 def _dense(t: Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps in some order of its dimensions (contiguous,
+    channels_last, a transpose): the kernels then step that memory as one flat array, elementwise with the
+    tensors that share its strides (the norms do not depend on the order)."""
     if t.numel() == 0 or t.is_contiguous():
         return True
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        try:
-            if t.is_contiguous(memory_format=fmt):
-                return True
-        except RuntimeError:  # a format that does not fit the tensor's rank
-            pass
-    return False
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 @lru_cache(maxsize=None)
@@ -80,7 +89,9 @@ def fused_supported(tensors: list[Tensor]) -> tuple[bool, str]:
             return False, (f"the fused kernels support float32, bfloat16 and float16 parameters, not {t.dtype} "
                            f"(parameter of shape {tuple(t.shape)}); use foreach=True or fused=False")
         if not _dense(t):
-            return False, f"a parameter of shape {tuple(t.shape)} is a strided view; the fused kernels need dense tensors"
+            return False, (f"a parameter of shape {tuple(t.shape)} and strides {t.stride()} is a view with gaps or "
+                           f"overlaps; the fused kernels need dense parameters (use foreach=True, or step a "
+                           f"contiguous copy)")
     seen = set()
     for t in tensors:
         key = (t.device.type, t.device.index)

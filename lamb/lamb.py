@@ -186,7 +186,7 @@ class Lamb(LayerwiseOptimizer):
             if group["max_grad_norm"] is not None:
                 # max(1, ||G|| / max_norm): divides only when the global norm is above the threshold.
                 grad_divisor = torch.clamp(global_norm / group["max_grad_norm"], min=1.0)
-            backend = self._backend_kwargs(group, params)
+            backend = self._backend_kwargs(group, params, states)
             amp = self._amp_kwargs(backend["backend"], grad_scale, found_inf)
             if not amp and self._amp_fallback(grads, grad_scale, found_inf):
                 continue

@@ -120,7 +120,7 @@ class Lars(LayerwiseOptimizer):
             params, grads, states = self._collect_for_step(group)
             if not params:
                 continue
-            backend = self._backend_kwargs(group, params)
+            backend = self._backend_kwargs(group, params, states)
             amp = self._amp_kwargs(backend["backend"], grad_scale, found_inf)
             if not amp and self._amp_fallback(grads, grad_scale, found_inf):
                 continue

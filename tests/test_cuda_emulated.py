@@ -48,7 +48,7 @@ import test_lars_reference  # noqa: E402
 from test_fused_cpu import (  # noqa: E402
     LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, SHAPES, SPLIT_LAMB_VARIANTS, SPLIT_LARS_VARIANTS, SPLIT_SHAPES,
     STEPS, TOL32, _check_large_finite_gradient, _check_split, _close, _grads, _lamb_call, _lars_call, _params,
-    _Pieces, _state,
+    _Pieces, _state, close_to_stored, lamb64_stored,
 )
 
 LOW = [torch.bfloat16, torch.float16]
@@ -165,18 +165,19 @@ def test_lamb_fp16_masters_matches_references(variant):
     _close_to_package(emu_p, emu_s, pkg_p, pkg_s, ("m", "v", "tr"))
 
 
-def test_lamb_bf16_without_masters():
-    # bf16 moments and parameters: each step rounds them to bf16 where the reference keeps float64, the
-    # tolerance of tests/test_fused_cpu.py's test_lamb_low_precision_without_masters (a few bf16 roundings)
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("grad_scale", [1.0, 0.01])
+@pytest.mark.parametrize("check_finite", [False, True])
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_lamb_low_precision_without_masters(dtype, check_finite, grad_scale):
+    """16-bit moments and parameters (pass A only reads, pass B recomputes m, v and takes u from their fp32
+    values) against the float64 equations with storage rounding, as tests/test_fused_cpu.py's test of that name."""
     params = _params(dtype, shapes=[(5,), (18011,), (64, 33)])
     p, st = [x.clone() for x in params], _state(params)
-    ref = _ref_lamb(params, LAMB_KW)
-    for step in range(2):
-        g = _grads(params, step)
-        _lamb_call(emu.lamb, p, g, st, **LAMB_KW)
-        ref.step(_ref_grads(g, LAMB_KW))
-    _compare_ref(ref, p, st, 4 * torch.finfo(dtype).eps * 2, LAMB_STATE)
+    grads = [[(g.double() * grad_scale).to(dtype) for g in _grads(params, step)] for step in range(STEPS)]
+    for g in grads:
+        _lamb_call(emu.lamb, p, [x.clone() for x in g], st, **LAMB_KW, check_finite=check_finite)
+    close_to_stored(p, st, lamb64_stored(params, grads, dtype), dtype)
+    assert all(s["step"].item() == STEPS for s in st)
 
 
 # Two param groups as lamb.Lamb steps them (per group the parameters that have a gradient; max_grad_norm's

@@ -192,17 +192,75 @@ def test_lamb_low_precision_with_masters(dtype, isa, block):
         _close(a, b, TOL_BF16 if dtype == torch.bfloat16 else 8 * torch.finfo(torch.float16).eps, f"param {i}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_lamb_low_precision_without_masters(dtype, isa):
-    # Without masters the moments are stored in bf16. The fused kernel updates from the stored (rounded)
-    # moments in both passes; the reference uses its fp32 values within the step: differences are a few
-    # bf16 roundings. (fp16 moments without masters underflow: v = (1 - b2) g^2 falls below fp16's
-    # normal range, so there the two differ by more than rounding; use master_weights=True for fp16.)
-    params = _params(dtype, shapes=[(5,), (18011,), (64, 33)])
-    ref_p, fus_p, _, _ = _run_lamb(params, LAMB_KW, steps=2)
-    tol = 4 * torch.finfo(dtype).eps * 2
-    for i, (a, b) in enumerate(zip(ref_p, fus_p)):
-        _close(a, b, tol, f"param {i}")
+def lamb64_stored(params, grads_per_step, dtype, lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, wd=0.01):
+    """LAMB Algorithm 2 in float64, written from the equations, for parameters and moments stored in ``dtype``
+    (bf16/fp16 without master weights): each step's m, v and update are exact from the stored values; only
+    what is stored (m, v, x) is rounded to ``dtype``. Returns the stored x, m, v (as float64)."""
+    x = [p.double() for p in params]
+    m = [torch.zeros_like(t) for t in x]
+    v = [torch.zeros_like(t) for t in x]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            g = g.double()
+            mt = b1 * m[i] + (1 - b1) * g
+            vt = b2 * v[i] + (1 - b2) * g * g
+            u = (mt / (1 - b1**t)) / ((vt / (1 - b2**t)).sqrt() + eps) + wd * x[i]
+            wn, un = x[i].norm().item(), u.norm().item()
+            rho = wn / un if wn > 0 and un > 0 else 1.0
+            store = lambda y: y.to(dtype).double()  # noqa: E731
+            x[i], m[i], v[i] = store(x[i] - lr * rho * u), store(mt), store(vt)
+    return x, m, v
+
+
+def close_to_stored(params, states, stored, dtype, what=""):
+    """Parameters and moments against lamb64_stored's: fp32 arithmetic against float64 flips a rounding to the
+    storage type now and then, one unit of it (2 eps relative to the largest magnitude)."""
+    tol = 2 * torch.finfo(dtype).eps
+    for i, (x, m, v) in enumerate(zip(*stored)):
+        _close(x, params[i].cpu(), tol, f"{what}param {i}")
+        _close(m, states[i]["m"].cpu(), tol, f"{what}m {i}")
+        _close(v, states[i]["v"].cpu(), tol, f"{what}v {i}")
+
+
+# Gradient scales: 1 (v in fp16's normal range) and 0.01 (v = (1 - b2) g^2 around 1e-7, where fp16 is
+# subnormal or 0 and u taken from the stored v instead of the step's would be m / eps).
+@pytest.mark.parametrize("grad_scale", [1.0, 0.01])
+@pytest.mark.parametrize("check_finite", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lamb_low_precision_without_masters(dtype, check_finite, grad_scale, isa, block):
+    """16-bit moments: the fused kernel's u comes from the step's fp32 moments (pass B recomputes them where no
+    scratch holds u), as the float64 equations with storage rounding and the package's reference."""
+    params = _params(dtype, shapes=[(5,), (18011,), (64, 33), (40000,)])
+    fus_p, ref_p = [p.clone() for p in params], [p.clone() for p in params]
+    fus_s, ref_s = _state(fus_p), _state(ref_p)
+    grads = [[(g.double() * grad_scale).to(dtype) for g in _grads(params, step)] for step in range(STEPS)]
+    for g in grads:
+        _lamb_call(_fused_lamb, fus_p, [x.clone() for x in g], fus_s, **LAMB_KW, check_finite=check_finite)
+        _lamb_call(_single_tensor_lamb, ref_p, g, ref_s, **LAMB_KW)
+    close_to_stored(fus_p, fus_s, lamb64_stored(params, grads, dtype), dtype, "float64: ")
+    close_to_stored(fus_p, fus_s, ([p.double() for p in ref_p], [s["m"] for s in ref_s], [s["v"] for s in ref_s]),
+                    dtype, "reference backend: ")
+
+
+def test_lamb_low_precision_without_masters_split_ops():
+    """The split ops (ZeRO pieces) with 16-bit moments: whole tensors and an identity norm_reduce give the
+    one-call step's result."""
+    params = _params(torch.float16, shapes=[(5,), (18011,), (40000,)])
+    p1, p2 = [p.clone() for p in params], [p.clone() for p in params]
+    s1, s2 = _state(p1), _state(p2)
+    try:
+        # the one-call step: blocks [5, 18011] keep u in the scratch, 40000 alone recomputes it in pass B
+        torch.ops.lamb_cpu.set_cache_block(20000)
+        torch.ops.lamb_cpu.set_scratch_limit(0)
+        for step in range(3):
+            g = [(x.double() * 0.01).half() for x in _grads(params, step)]
+            _lamb_call(_fused_lamb, p1, g, s1, **LAMB_KW)
+            _lamb_call(_fused_lamb, p2, g, s2, **LAMB_KW, norm_reduce=lambda sq: sq)
+    finally:
+        torch.ops.lamb_cpu.set_cache_block(-1)
+        torch.ops.lamb_cpu.set_scratch_limit(-1)
+    for x, y in zip(p1 + [s["m"] for s in s1] + [s["v"] for s in s1], p2 + [s["m"] for s in s2] + [s["v"] for s in s2]):
+        assert torch.equal(x, y)
 
 
 def test_lamb_float64_equations():
@@ -538,6 +596,74 @@ def test_class_fused_matches_reference_and_state_dict_interchanges(cls):
     assert opt3.state and all(s["step"].item() == 6 for s in opt3.state.values())
     _train(lambda m: opt3, 1, mix_model, g=data)  # the fused kernel accepts the reference's state
     assert all(s["step"].item() == 7 for s in opt3.state.values())
+
+
+# Dense layouts other than contiguous: a transpose, channels_last, a permuted 3-D tensor (and a contiguous one).
+def _laid_out(values):
+    t, cl, perm, flat = values
+    return [t.t().contiguous().t(), cl.contiguous(memory_format=torch.channels_last),
+            perm.permute(2, 0, 1).contiguous().permute(1, 2, 0), flat.clone()]
+
+
+_LAYOUT_OPTS = {"Lamb": dict(lr=1e-2, weight_decay=0.01), "Lars": dict(lr=0.5, weight_decay=1e-4)}
+
+
+@pytest.mark.parametrize("cls", ["Lamb", "Lars"])
+def test_fused_steps_any_dense_layout(cls):
+    """Parameters that fill their memory in another dimension order step as their contiguous values would (the
+    float64 reference); so does state loaded from a contiguous model, and state kept across a change of the
+    parameters' layout (what ``model.to(memory_format=...)`` does)."""
+    import lamb
+    from reference import RefLamb, RefLars, fp32_tolerance
+
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(s, generator=gen) for s in [(41, 37), (8, 3, 5, 5), (6, 7, 9), (300,)]]
+    opts = _LAYOUT_OPTS[cls]
+    Opt, Ref = (lamb.Lamb, RefLamb) if cls == "Lamb" else (lamb.Lars, RefLars)
+    ref = Ref.from_params([v.double() for v in values], **opts)
+
+    def grads(step):
+        g = torch.Generator().manual_seed(100 + step)
+        return [torch.randn(v.shape, generator=g) for v in values]
+
+    def check(params, steps, what):
+        tol = fp32_tolerance(steps, max(v.numel() for v in values), beta2=0.999 if cls == "Lamb" else None)
+        for i, (p, want) in enumerate(zip(params, ref.params)):
+            torch.testing.assert_close(p.detach().double(), want, rtol=tol, atol=tol * float(want.abs().max()),
+                                       msg=lambda m: f"{what}, param {i}: {m}")
+
+    contiguous = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = Opt(contiguous, fused=True, **opts)
+    for step in range(2):
+        for p, g in zip(contiguous, grads(step)):
+            p.grad = g
+        opt.step()
+        ref.step([grads(step)])
+    check(contiguous, 2, "contiguous")
+    # resume the contiguous model's state into the other layouts; the gradients arrive contiguous (copied into
+    # the parameters' layout) or in it (as autograd gives them)
+    params = [torch.nn.Parameter(x) for x in _laid_out([p.detach() for p in contiguous])]
+    assert not any(p.is_contiguous() for p in params[:3])
+    opt2 = Opt(params, fused=True, **opts)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step in range(2, 4):
+        for p, g in zip(params, grads(step)):
+            p.grad = g if step == 2 else torch.empty_like(p).copy_(g)
+        opt2.step()
+        ref.step([grads(step)])
+    check(params, 4, "resumed into other layouts")
+    for p in params:
+        for key in opt2._moment_keys:
+            assert opt2.state[p][key].stride() == p.stride(), f"{key} not laid out as its parameter"
+    # the parameters change layout under the optimizer (Module.to(memory_format=...) sets .data)
+    for p in params:
+        p.data = p.data.contiguous()
+    for step in range(4, 5):
+        for p, g in zip(params, grads(step)):
+            p.grad = g
+        opt2.step()
+        ref.step([grads(step)])
+    check(params, 5, "after the parameters' layout changed")
 
 
 def test_fused_supported_reasons():

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 from tests.test_fused_cpu import (  # noqa: E402
     LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, STEPS, TOL32, _check_large_finite_gradient, _close, _grads,
-    _lamb_call, _lars_call, _params, _state,
+    _lamb_call, _lars_call, _params, _state, close_to_stored, lamb64_stored,
 )
 
 
@@ -79,6 +79,22 @@ def test_lars_cuda_matches_reference(variant):
         _lars_call(_fused_lars, fus_p, _cuda(g), fus_s, **kw)
     for i in range(len(params)):
         _close(ref_p[i], fus_p[i].cpu(), TOL32, f"param {i}")
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 0.01])
+@pytest.mark.parametrize("check_finite", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lamb_cuda_low_precision_without_masters(dtype, check_finite, grad_scale):
+    """16-bit moments: u from the step's fp32 moments, against the float64 equations with storage rounding
+    (tests/test_fused_cpu.py's test of that name)."""
+    from lamb._fused import _fused_lamb
+
+    params = _params(dtype, shapes=[(5,), (18011,), (64, 33), (40000,)])
+    p, st = _cuda([x.clone() for x in params]), _state_cuda(params)
+    grads = [[(g.double() * grad_scale).to(dtype) for g in _grads(params, step)] for step in range(STEPS)]
+    for g in grads:
+        _lamb_call(_fused_lamb, p, _cuda(g), st, **LAMB_KW, check_finite=check_finite)
+    close_to_stored(p, st, lamb64_stored(params, grads, dtype), dtype)
 
 
 def test_cuda_matches_cpu_twin():

@@ -6,7 +6,7 @@
 //   prologue   1 block:    skip flag (found_inf, non-finite divisor/scale), grad multiplier, per-tensor
 //                          bias-correction terms from each tensor's step
 //   pass A     per dtype combination: per-chunk partial sums (||w||^2, ||u||^2, sum g - g: 0 or NaN); LAMB also
-//                          writes m, v unless check_finite
+//                          writes m, v unless check_finite or they are stored in 16 bits (then pass B does)
 //   finalize   1 block:    per-tensor sums in chunk order, trust ratio, trust/norm outputs, step += 1;
 //                          with check_finite a non-finite gradient sets the skip flag here
 //   pass B     per dtype combination: the update (skipped when the flag is set)

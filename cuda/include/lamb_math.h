@@ -127,12 +127,6 @@ LAMB_HD fp16_t from_float<fp16_t>(float f) {
   return h;
 }
 
-// Round a value through the storage type S (what a later read of an S buffer returns).
-template <typename S>
-LAMB_HD float round_to(float f) {
-  return to_float(from_float<S>(f));
-}
-
 // ------------------------------------------------------------------------------------ LAMB
 enum BiasCorrection : int { kBiasMoments = 0, kBiasLr = 1, kBiasNone = 2 };
 enum WeightDecayMode : int { kDecayRatio = 0, kDecayL2 = 1, kDecayDecoupled = 2 };
@@ -182,7 +176,7 @@ LAMB_HD LambStepCoef lamb_step_coef(const LambParams& p, float lr, float t) {
   return c;
 }
 
-// m, v <- the new moments (in float; the caller rounds them through the storage type).  L2 = false skips
+// m, v <- the new moments (in float: the update takes them so, and only their stores round to the storage type).  L2 = false skips
 // the "l2" term where wd_l2 is 0, as the reference does (adding 0 * w only costs a multiply and an add).
 template <bool L2 = true>
 LAMB_HD void lamb_moments(float g, float w, float& m, float& v, const LambParams& p) {
