@@ -330,6 +330,44 @@ def test_lamb_grad_scale_unscales(isa):
         assert torch.equal(a, b)  # scaling by a power of two is exact
 
 
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# 64-bit indexing: one fp16 tensor of more than 2^31 elements (4 GiB a buffer; LARS needs three, LAMB four).
+# Ones everywhere and no weight decay: every element takes the same step, so both ends must agree and move.
+BIG = 2**31 + 4099
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["lars", "lamb"])
+def test_64bit_indexing(algo):
+    buffers = 3 if algo == "lars" else 4  # p, g, m (and v)
+    if _available_bytes() < buffers * BIG * 2 + (2 << 30):
+        pytest.skip(f"needs {buffers} x 4 GiB of free memory")
+    p = torch.ones(BIG, dtype=torch.float16)
+    g = torch.ones_like(p)
+    st = dict(master=None, m=torch.zeros_like(p), step=torch.zeros(()), tr=torch.ones(()), wn=torch.zeros(()),
+              un=torch.zeros(()))
+    if algo == "lars":
+        _lars_call(_fused_lars, [p], [g], [st], **{**LARS_KW, "lr": 1.0, "weight_decay": 0.0})
+        # ratio = tc ||w|| / ||g|| = tc, so every w = 1 - lr tc
+        assert st["tr"].item() == pytest.approx(LARS_KW["trust_coefficient"], rel=1e-6)
+    else:
+        st["v"] = torch.zeros_like(p)
+        _lamb_call(_fused_lamb, [p], [g], [st], **{**LAMB_KW, "weight_decay": 0.0})
+        # bias-corrected m = v = 1: u = 1 / (1 + eps) everywhere, ratio = ||w|| / ||u||, so every w = 1 - lr;
+        # fp32's 0.999 puts 1 - beta2 (and so v's bias correction) 1.3e-5 off, 6.4e-6 through the square root
+        assert st["un"].item() == pytest.approx(BIG**0.5 / (1 + LAMB_KW["eps"]), rel=1e-5)
+    assert st["wn"].item() == pytest.approx(BIG**0.5, rel=1e-6)
+    assert p[0].item() == p[BIG // 2].item() == p[-1].item() != 1.0
+    assert st["step"].item() == 1
+
+
 def test_lamb_deterministic_across_thread_counts():
     params = _params(shapes=[(200000,), (18011,)])
     results = []
