@@ -173,7 +173,7 @@ def test_lamb_low_precision_without_masters(dtype, check_finite, grad_scale):
     values) against the float64 equations with storage rounding, as tests/test_fused_cpu.py's test of that name."""
     params = _params(dtype, shapes=[(5,), (18011,), (64, 33)])
     p, st = [x.clone() for x in params], _state(params)
-    grads = [[(g.double() * grad_scale).to(dtype) for g in _grads(params, step)] for step in range(STEPS)]
+    grads = [_grads(params, step, grad_scale) for step in range(STEPS)]
     for g in grads:
         _lamb_call(emu.lamb, p, [x.clone() for x in g], st, **LAMB_KW, check_finite=check_finite)
     close_to_stored(p, st, lamb64_stored(params, grads, dtype), dtype)

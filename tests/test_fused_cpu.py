@@ -20,6 +20,7 @@ import torch
 from lamb import ops
 from lamb.lamb import _single_tensor_lamb
 from lamb.lars import _single_tensor_lars
+from reference import RefLamb, RefLars, fp32_tolerance
 
 ok, why = ops.cpu_status()
 pytestmark = pytest.mark.skipif(not ok, reason=f"fused CPU kernel unavailable: {why}")
@@ -192,24 +193,18 @@ def test_lamb_low_precision_with_masters(dtype, isa, block):
         _close(a, b, TOL_BF16 if dtype == torch.bfloat16 else 8 * torch.finfo(torch.float16).eps, f"param {i}")
 
 
-def lamb64_stored(params, grads_per_step, dtype, lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, wd=0.01):
-    """LAMB Algorithm 2 in float64, written from the equations, for parameters and moments stored in ``dtype``
-    (bf16/fp16 without master weights): each step's m, v and update are exact from the stored values; only
-    what is stored (m, v, x) is rounded to ``dtype``. Returns the stored x, m, v (as float64)."""
-    x = [p.double() for p in params]
-    m = [torch.zeros_like(t) for t in x]
-    v = [torch.zeros_like(t) for t in x]
-    for t, grads in enumerate(grads_per_step, start=1):
-        for i, g in enumerate(grads):
-            g = g.double()
-            mt = b1 * m[i] + (1 - b1) * g
-            vt = b2 * v[i] + (1 - b2) * g * g
-            u = (mt / (1 - b1**t)) / ((vt / (1 - b2**t)).sqrt() + eps) + wd * x[i]
-            wn, un = x[i].norm().item(), u.norm().item()
-            rho = wn / un if wn > 0 and un > 0 else 1.0
-            store = lambda y: y.to(dtype).double()  # noqa: E731
-            x[i], m[i], v[i] = store(x[i] - lr * rho * u), store(mt), store(vt)
-    return x, m, v
+def lamb64_stored(params, grads_per_step, dtype):
+    """tests/reference.py's float64 RefLamb, with LAMB_KW's options, for parameters and moments stored in
+    ``dtype`` (bf16/fp16 without master weights): within a step m, v and the update are exact from the stored
+    values; after it what is stored (x, m, v) is rounded to ``dtype``. Returns the stored x, m, v (float64)."""
+    ref = RefLamb.from_params([p.double() for p in params], lr=LAMB_KW["lr"], betas=(LAMB_KW["beta1"],
+                              LAMB_KW["beta2"]), eps=LAMB_KW["eps"], weight_decay=LAMB_KW["weight_decay"])
+    for grads in grads_per_step:
+        ref.step([grads])
+        states = [ref.state[(0, i)] for i in range(len(params))]
+        for t in ref.params + [st[k] for st in states for k in ("exp_avg", "exp_avg_sq")]:
+            t.copy_(t.to(dtype).double())
+    return ref.params, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
 
 
 def close_to_stored(params, states, stored, dtype, what=""):
@@ -233,7 +228,7 @@ def test_lamb_low_precision_without_masters(dtype, check_finite, grad_scale, isa
     params = _params(dtype, shapes=[(5,), (18011,), (64, 33), (40000,)])
     fus_p, ref_p = [p.clone() for p in params], [p.clone() for p in params]
     fus_s, ref_s = _state(fus_p), _state(ref_p)
-    grads = [[(g.double() * grad_scale).to(dtype) for g in _grads(params, step)] for step in range(STEPS)]
+    grads = [_grads(params, step, grad_scale) for step in range(STEPS)]
     for g in grads:
         _lamb_call(_fused_lamb, fus_p, [x.clone() for x in g], fus_s, **LAMB_KW, check_finite=check_finite)
         _lamb_call(_single_tensor_lamb, ref_p, g, ref_s, **LAMB_KW)
@@ -253,7 +248,7 @@ def test_lamb_low_precision_without_masters_split_ops():
         torch.ops.lamb_cpu.set_cache_block(20000)
         torch.ops.lamb_cpu.set_scratch_limit(0)
         for step in range(3):
-            g = [(x.double() * 0.01).half() for x in _grads(params, step)]
+            g = _grads(params, step, 0.01)
             _lamb_call(_fused_lamb, p1, g, s1, **LAMB_KW)
             _lamb_call(_fused_lamb, p2, g, s2, **LAMB_KW, norm_reduce=lambda sq: sq)
     finally:
@@ -652,7 +647,6 @@ def test_fused_steps_any_dense_layout(cls):
     float64 reference); so does state loaded from a contiguous model, and state kept across a change of the
     parameters' layout (what ``model.to(memory_format=...)`` does)."""
     import lamb
-    from reference import RefLamb, RefLars, fp32_tolerance
 
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(s, generator=gen) for s in [(41, 37), (8, 3, 5, 5), (6, 7, 9), (300,)]]
@@ -670,13 +664,16 @@ def test_fused_steps_any_dense_layout(cls):
             torch.testing.assert_close(p.detach().double(), want, rtol=tol, atol=tol * float(want.abs().max()),
                                        msg=lambda m: f"{what}, param {i}: {m}")
 
+    def run(opt, params, steps, grad_in_layout=False):
+        for step in steps:
+            for p, g in zip(params, grads(step)):
+                p.grad = torch.empty_like(p).copy_(g) if grad_in_layout else g
+            opt.step()
+            ref.step([grads(step)])
+
     contiguous = [torch.nn.Parameter(v.clone()) for v in values]
     opt = Opt(contiguous, fused=True, **opts)
-    for step in range(2):
-        for p, g in zip(contiguous, grads(step)):
-            p.grad = g
-        opt.step()
-        ref.step([grads(step)])
+    run(opt, contiguous, range(2))
     check(contiguous, 2, "contiguous")
     # resume the contiguous model's state into the other layouts; the gradients arrive contiguous (copied into
     # the parameters' layout) or in it (as autograd gives them)
@@ -684,11 +681,8 @@ def test_fused_steps_any_dense_layout(cls):
     assert not any(p.is_contiguous() for p in params[:3])
     opt2 = Opt(params, fused=True, **opts)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for step in range(2, 4):
-        for p, g in zip(params, grads(step)):
-            p.grad = g if step == 2 else torch.empty_like(p).copy_(g)
-        opt2.step()
-        ref.step([grads(step)])
+    run(opt2, params, [2])
+    run(opt2, params, [3], grad_in_layout=True)
     check(params, 4, "resumed into other layouts")
     for p in params:
         for key in opt2._moment_keys:
@@ -696,11 +690,7 @@ def test_fused_steps_any_dense_layout(cls):
     # the parameters change layout under the optimizer (Module.to(memory_format=...) sets .data)
     for p in params:
         p.data = p.data.contiguous()
-    for step in range(4, 5):
-        for p, g in zip(params, grads(step)):
-            p.grad = g
-        opt2.step()
-        ref.step([grads(step)])
+    run(opt2, params, [4])
     check(params, 5, "after the parameters' layout changed")
 
 

@@ -91,7 +91,7 @@ def test_lamb_cuda_low_precision_without_masters(dtype, check_finite, grad_scale
 
     params = _params(dtype, shapes=[(5,), (18011,), (64, 33), (40000,)])
     p, st = _cuda([x.clone() for x in params]), _state_cuda(params)
-    grads = [[(g.double() * grad_scale).to(dtype) for g in _grads(params, step)] for step in range(STEPS)]
+    grads = [_grads(params, step, grad_scale) for step in range(STEPS)]
     for g in grads:
         _lamb_call(_fused_lamb, p, _cuda(g), st, **LAMB_KW, check_finite=check_finite)
     close_to_stored(p, st, lamb64_stored(params, grads, dtype), dtype)
