@@ -125,8 +125,6 @@ static int64_t default_scratch_limit(int64_t llc) {
   return std::min(kMaxScratch, 2 * llc / 20);
 }
 
-enum Combo : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBF16Master = 3, kF16Master = 4 };
-
 struct TensorRef {
   void* p;           // the parameter (written)
   const void* g;     // its gradient
@@ -242,23 +240,29 @@ int64_t set_scratch_limit(int64_t elems) {
 }
 
 // ---------------------------------------------------------------------------------------- checks
-static int combo_of(const at::Tensor& p, const at::Tensor& state, bool master) {
+// The dtype combination (lamb_math::Combo) of a parameter, its gradient and its state.
+static int combo_of(const at::Tensor& p, const at::Tensor& g, const at::Tensor& state, bool master) {
   const auto pd = p.scalar_type();
+  const auto gd = g.scalar_type();
   const auto sd = state.scalar_type();
+  int combo = -1;
   if (!master) {
     TORCH_CHECK(sd == pd, "lamb fused CPU: state dtype ", sd, " differs from the parameter's ", pd,
                 " (without master weights the state keeps the parameter's dtype)");
-    if (pd == at::kFloat) return kF32;
-    if (pd == at::kBFloat16) return kBF16;
-    if (pd == at::kHalf) return kF16;
+    if (pd == at::kFloat) combo = kF32;
+    if (pd == at::kBFloat16) combo = kBF16;
+    if (pd == at::kHalf) combo = kF16;
   } else {
     TORCH_CHECK(sd == at::kFloat, "lamb fused CPU: with master weights the state must be float32, got ", sd);
-    if (pd == at::kBFloat16) return kBF16Master;
-    if (pd == at::kHalf) return kF16Master;
+    if (pd == at::kBFloat16) combo = kBF16Master;
+    if (pd == at::kHalf) combo = kF16Master;
   }
-  TORCH_CHECK(false, "lamb fused CPU: unsupported parameter dtype ", pd, (master ? " with master weights" : ""),
+  TORCH_CHECK(combo >= 0, "lamb fused CPU: unsupported parameter dtype ", pd, (master ? " with master weights" : ""),
               "; supported: float32, bfloat16, float16 (bf16/fp16 with or without fp32 master weights)");
-  return -1;
+  if (gd == pd) return combo;
+  TORCH_CHECK(gd == at::kFloat, "lamb fused CPU: gradient dtype ", gd, " differs from the parameter's ", pd,
+              "; supported: the parameter's dtype, or float32 for a bfloat16/float16 parameter");
+  return with_fp32_grad(combo);
 }
 
 static void check_like(const at::Tensor& t, const at::Tensor& p, const char* what) {
@@ -395,8 +399,6 @@ static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grad
     TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "lamb fused CPU: parameter ", i,
                 " is not dense (a view with gaps); the fused kernels need dense parameters");
     check_like(grads[i], p, "a gradient");
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "lamb fused CPU: gradient dtype ",
-                grads[i].scalar_type(), " differs from the parameter's ", p.scalar_type());
     check_like(bufs1[i], p, "a state buffer");
     if (!bufs2.empty()) {
       check_like(bufs2[i], p, "a state buffer");
@@ -404,7 +406,7 @@ static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grad
                   "lamb fused CPU: exp_avg and exp_avg_sq dtypes differ");
     }
     TensorRef& t = ts[i];
-    t.combo = combo_of(p, bufs1[i], has_master);
+    t.combo = combo_of(p, grads[i], bufs1[i], has_master);
     if (has_master) {
       check_like(*mo, p, "a master parameter");
       TORCH_CHECK(mo->scalar_type() == at::kFloat, "lamb fused CPU: master parameters must be float32");

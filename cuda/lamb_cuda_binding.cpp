@@ -20,22 +20,28 @@ namespace {
 using lamb_math::LambParams;
 using lamb_math::LarsParams;
 
-int combo_of(const at::Tensor& p, const at::Tensor& state, bool master) {
+// The dtype combination (lamb_math::Combo) of a parameter, its gradient and its state.
+int combo_of(const at::Tensor& p, const at::Tensor& g, const at::Tensor& state, bool master) {
   const auto pd = p.scalar_type();
+  const auto gd = g.scalar_type();
   const auto sd = state.scalar_type();
+  int combo = -1;
   if (!master) {
     TORCH_CHECK(sd == pd, "lamb fused CUDA: state dtype ", sd, " differs from the parameter's ", pd);
-    if (pd == at::kFloat) return kF32;
-    if (pd == at::kBFloat16) return kBF16;
-    if (pd == at::kHalf) return kF16;
+    if (pd == at::kFloat) combo = kF32;
+    if (pd == at::kBFloat16) combo = kBF16;
+    if (pd == at::kHalf) combo = kF16;
   } else {
     TORCH_CHECK(sd == at::kFloat, "lamb fused CUDA: with master weights the state must be float32, got ", sd);
-    if (pd == at::kBFloat16) return kBF16Master;
-    if (pd == at::kHalf) return kF16Master;
+    if (pd == at::kBFloat16) combo = kBF16Master;
+    if (pd == at::kHalf) combo = kF16Master;
   }
-  TORCH_CHECK(false, "lamb fused CUDA: unsupported parameter dtype ", pd,
+  TORCH_CHECK(combo >= 0, "lamb fused CUDA: unsupported parameter dtype ", pd,
               "; supported: float32, bfloat16, float16 (bf16/fp16 with or without fp32 master weights)");
-  return -1;
+  if (gd == pd) return combo;
+  TORCH_CHECK(gd == at::kFloat, "lamb fused CUDA: gradient dtype ", gd, " differs from the parameter's ", pd,
+              "; supported: the parameter's dtype, or float32 for a bfloat16/float16 parameter");
+  return lamb_math::with_fp32_grad(combo);
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& p, const char* what) {
@@ -88,10 +94,10 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
               "lamb fused CUDA: the tensor lists must have one entry per parameter");
   const at::Device dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "lamb fused CUDA: parameters must be CUDA tensors");
-  for (int k = 0; k < 5; ++k) call.ptr[k].assign(5, {});
-  call.numel.assign(5, {});
-  call.chunk_base.assign(5, {});
-  call.id.assign(5, {});
+  for (int k = 0; k < 5; ++k) call.ptr[k].assign(kNumCombos, {});
+  call.numel.assign(kNumCombos, {});
+  call.chunk_base.assign(kNumCombos, {});
+  call.id.assign(kNumCombos, {});
 
   at::Tensor table = at::empty({5 * static_cast<int64_t>(n) + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* tab = table.data_ptr<int64_t>();
@@ -105,7 +111,6 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
     const std::optional<at::Tensor> mo = masters.get(i);
     const bool has_master = mo.has_value() && mo->defined();
     check_like(grads[i], p, "a gradient");
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "lamb fused CUDA: gradient dtype differs from the parameter's");
     check_like(bufs1[i], p, "a state buffer");
     if (!bufs2.empty()) {
       check_like(bufs2[i], p, "a state buffer");
@@ -119,7 +124,7 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
     check_scalar(trust_ratios[i], p, "trust_ratio");
     check_scalar(weight_norms[i], p, "weight_norm");
     check_scalar(update_norms[i], p, "update_norm");
-    const int c = combo_of(p, bufs1[i], has_master);
+    const int c = combo_of(p, grads[i], bufs1[i], has_master);
     call.ptr[0][c].push_back(p.data_ptr());
     call.ptr[1][c].push_back(grads[i].data_ptr());
     call.ptr[2][c].push_back(bufs1[i].data_ptr());

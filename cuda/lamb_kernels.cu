@@ -4,7 +4,8 @@
 // writes w (16): 40.  With check_finite pass A only reads (16) and pass B reads g, w, m, v and writes
 // m, v, w (28): 44.  bf16/fp16 with fp32 masters: pass A 2+4+8 read + 8 written, pass B 12 read + 4+2 written.
 // bf16/fp16 without masters (16-bit moments): pass A reads g, w, m, v (8), pass B reads them again and writes
-// m, v, w (8 + 6): 22 (see defer_moments).
+// m, v, w (8 + 6): 22 (see defer_moments).  An fp32 gradient of a bf16/fp16 parameter (the G32 combinations)
+// adds 2 bytes to each pass that reads g.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -16,10 +17,10 @@ using lamb_math::LambParams;
 using lamb_math::LambStepCoef;
 
 // ------------------------------------------------------------------------------------- pass A
-template <typename P, typename S, bool MASTER, bool WRITE>
+template <typename P, typename G, typename S, bool MASTER, bool WRITE>
 struct LambAFunctor {
   template <int V>
-  __device__ __forceinline__ static void body(const P* g, const P* p, const float* x, S* m, S* v, int64_t i,
+  __device__ __forceinline__ static void body(const G* g, const P* p, const float* x, S* m, S* v, int64_t i,
                                               const LambParams& hp, const LambStepCoef& c, float gs, float& aw,
                                               float& au, float& ag) {
     float gf[V], wf[V], mf[V], vf[V];
@@ -56,7 +57,7 @@ struct LambAFunctor {
     const int64_t start = chunk * chunk_size;
     const int64_t len = min(chunk_size, meta.numel[tl] - start);
     const P* p = static_cast<const P*>(meta.addr[0][tl]) + start;
-    const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
+    const G* g = static_cast<const G*>(meta.addr[1][tl]) + start;
     S* m = static_cast<S*>(meta.addr[2][tl]) + start;
     S* v = static_cast<S*>(meta.addr[3][tl]) + start;
     const float* x = MASTER ? static_cast<const float*>(meta.addr[4][tl]) + start : nullptr;
@@ -64,7 +65,7 @@ struct LambAFunctor {
     const float gs = *s.gscale;
 
     float aw = 0.f, au = 0.f, ag = 0.f;  // per thread (<= 128 elements each); the block sums in double
-    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
+    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(G) * kVec) &&
                      is_aligned(m, sizeof(S) * kVec) && is_aligned(v, sizeof(S) * kVec) &&
                      is_aligned(x, sizeof(float) * kVec);
     const int64_t nvec = vec ? len / kVec : 0;
@@ -86,10 +87,10 @@ struct LambAFunctor {
 };
 
 // ------------------------------------------------------------------------------------- pass B
-template <typename P, typename S, bool MASTER, bool RECOMPUTE>
+template <typename P, typename G, typename S, bool MASTER, bool RECOMPUTE>
 struct LambBFunctor {
   template <int V>
-  __device__ __forceinline__ static void body(const P* g, P* p, float* x, S* m, S* v, int64_t i, const LambParams& hp,
+  __device__ __forceinline__ static void body(const G* g, P* p, float* x, S* m, S* v, int64_t i, const LambParams& hp,
                                               const LambStepCoef& c, float gs, float step, float decay) {
     float wf[V], mf[V], vf[V];
     if (MASTER) {
@@ -125,13 +126,13 @@ struct LambBFunctor {
     const int64_t start = chunk * chunk_size;
     const int64_t len = min(chunk_size, meta.numel[tl] - start);
     P* p = static_cast<P*>(meta.addr[0][tl]) + start;
-    const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
+    const G* g = static_cast<const G*>(meta.addr[1][tl]) + start;
     S* m = static_cast<S*>(meta.addr[2][tl]) + start;
     S* v = static_cast<S*>(meta.addr[3][tl]) + start;
     float* x = MASTER ? static_cast<float*>(meta.addr[4][tl]) + start : nullptr;
     const TensorCoef tc = s.coef[meta.id[tl]];
     const float gs = *s.gscale;
-    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
+    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(G) * kVec) &&
                      is_aligned(m, sizeof(S) * kVec) && is_aligned(v, sizeof(S) * kVec) &&
                      is_aligned(x, sizeof(float) * kVec);
     const int64_t nvec = vec ? len / kVec : 0;
@@ -265,15 +266,15 @@ cudaError_t partial_sq_norms(int n, bool check_finite, Scratch s, double* out, c
 // Moments stored in bf16/fp16 (no master weights): pass B cannot get pass A's u back from the rounded m, v it
 // would read, so pass A only reads and pass B recomputes m, v from g, as with check_finite (22 bytes a
 // parameter instead of 20), and both passes take u from the fp32 moments.
-static bool defer_moments(int combo) { return combo == kBF16 || combo == kF16; }
+static bool defer_moments(int combo) { return lamb_math::moments_16bit(combo); }
 
 cudaError_t lamb_pass_a(const Batch& b, const LambParams& hp, bool write_state, Scratch s, cudaStream_t stream) {
   if (write_state && !defer_moments(b.combo)) {
     LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id,
-                                                             stream, LambAFunctor<P, S, MASTER, true>(), hp, s))
+                                                             stream, LambAFunctor<P, G, S, MASTER, true>(), hp, s))
   } else {
     LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id,
-                                                             stream, LambAFunctor<P, S, MASTER, false>(), hp, s))
+                                                             stream, LambAFunctor<P, G, S, MASTER, false>(), hp, s))
   }
   return cudaSuccess;
 }
@@ -281,10 +282,10 @@ cudaError_t lamb_pass_a(const Batch& b, const LambParams& hp, bool write_state, 
 cudaError_t lamb_pass_b(const Batch& b, const LambParams& hp, bool recompute, Scratch s, cudaStream_t stream) {
   if (recompute || defer_moments(b.combo)) {
     LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id,
-                                                             stream, LambBFunctor<P, S, MASTER, true>(), hp, s))
+                                                             stream, LambBFunctor<P, G, S, MASTER, true>(), hp, s))
   } else {
     LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id,
-                                                             stream, LambBFunctor<P, S, MASTER, false>(), hp, s))
+                                                             stream, LambBFunctor<P, G, S, MASTER, false>(), hp, s))
   }
   return cudaSuccess;
 }

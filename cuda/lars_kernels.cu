@@ -10,10 +10,10 @@ namespace lamb_cuda {
 
 using lamb_math::LarsParams;
 
-template <typename P, typename S, bool MASTER>
+template <typename P, typename G, typename S, bool MASTER>
 struct LarsAFunctor {
   template <int V>
-  __device__ __forceinline__ static void body(const P* g, const P* p, const float* x, int64_t i, const LarsParams& lp,
+  __device__ __forceinline__ static void body(const G* g, const P* p, const float* x, int64_t i, const LarsParams& lp,
                                               float gs, float& aw, float& as, float& af) {
     float gf[V], wf[V];
     load_f<V>(g, i, gf);
@@ -38,11 +38,11 @@ struct LarsAFunctor {
     const int64_t start = chunk * chunk_size;
     const int64_t len = min(chunk_size, meta.numel[tl] - start);
     const P* p = static_cast<const P*>(meta.addr[0][tl]) + start;
-    const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
+    const G* g = static_cast<const G*>(meta.addr[1][tl]) + start;
     const float* x = MASTER ? static_cast<const float*>(meta.addr[4][tl]) + start : nullptr;
     const float gs = *s.gscale;
     float aw = 0.f, as = 0.f, af = 0.f;
-    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
+    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(G) * kVec) &&
                      is_aligned(x, sizeof(float) * kVec);
     const int64_t nvec = vec ? len / kVec : 0;
     for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) body<kVec>(g, p, x, j * kVec, lp, gs, aw, as, af);
@@ -60,10 +60,10 @@ struct LarsAFunctor {
   }
 };
 
-template <typename P, typename S, bool MASTER>
+template <typename P, typename G, typename S, bool MASTER>
 struct LarsBFunctor {
   template <int V>
-  __device__ __forceinline__ static void body(const P* g, P* p, float* x, S* buf, int64_t i, const LarsParams& lp,
+  __device__ __forceinline__ static void body(const G* g, P* p, float* x, S* buf, int64_t i, const LarsParams& lp,
                                               float gs, float step) {
     float gf[V], wf[V], vf[V];
     load_f<V>(g, i, gf);
@@ -87,12 +87,12 @@ struct LarsBFunctor {
     const int64_t start = chunk * chunk_size;
     const int64_t len = min(chunk_size, meta.numel[tl] - start);
     P* p = static_cast<P*>(meta.addr[0][tl]) + start;
-    const P* g = static_cast<const P*>(meta.addr[1][tl]) + start;
+    const G* g = static_cast<const G*>(meta.addr[1][tl]) + start;
     S* buf = static_cast<S*>(meta.addr[2][tl]) + start;
     float* x = MASTER ? static_cast<float*>(meta.addr[4][tl]) + start : nullptr;
     const float gs = *s.gscale;
     const float step = s.coef[meta.id[tl]].s;
-    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(P) * kVec) &&
+    const bool vec = is_aligned(p, sizeof(P) * kVec) && is_aligned(g, sizeof(G) * kVec) &&
                      is_aligned(buf, sizeof(S) * kVec) && is_aligned(x, sizeof(float) * kVec);
     const int64_t nvec = vec ? len / kVec : 0;
     for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) body<kVec>(g, p, x, buf, j * kVec, lp, gs, step);
@@ -180,13 +180,13 @@ cudaError_t lars_finalize_full(int n, const LarsParams& lp, StepScalars sc, bool
 
 cudaError_t lars_pass_a(const Batch& b, const LarsParams& lp, Scratch s, cudaStream_t stream) {
   LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id, stream,
-                                                           LarsAFunctor<P, S, MASTER>(), lp, s))
+                                                           LarsAFunctor<P, G, S, MASTER>(), lp, s))
   return cudaSuccess;
 }
 
 cudaError_t lars_pass_b(const Batch& b, const LarsParams& lp, Scratch s, cudaStream_t stream) {
   LAMB_CUDA_DISPATCH(b.combo, return multi_tensor_apply<5>(kChunkSize, b.n, b.ptr, b.numel, b.chunk_base, b.id, stream,
-                                                           LarsBFunctor<P, S, MASTER>(), lp, s))
+                                                           LarsBFunctor<P, G, S, MASTER>(), lp, s))
   return cudaSuccess;
 }
 

@@ -138,10 +138,13 @@ def _by_device(params: list[Tensor]) -> dict[torch.device, list[int]]:
 
 
 def _grad_like(g: Tensor, p: Tensor) -> Tensor:
-    """The gradient in the parameter's dtype and memory layout (a copy only where they differ)."""
-    if g.dtype == p.dtype and (g.numel() == 0 or g.stride() == p.stride()) and _dense(g):
+    """The gradient in the parameter's memory layout (a copy only where it differs), and in the parameter's
+    dtype, except that an fp32 gradient of a bf16/fp16 parameter (``Tensor.grad_dtype``) stays fp32: the
+    kernels read it as it is, where rounding it to 16 bits would lose precision the reference backend keeps."""
+    dtype = g.dtype if (g.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)) else p.dtype
+    if g.dtype == dtype and (g.numel() == 0 or g.stride() == p.stride()) and _dense(g):
         return g
-    out = torch.empty_like(p)
+    out = torch.empty_like(p, dtype=dtype)
     out.copy_(g)
     return out
 

@@ -48,7 +48,7 @@ import test_lars_reference  # noqa: E402
 from test_fused_cpu import (  # noqa: E402
     LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, SHAPES, SPLIT_LAMB_VARIANTS, SPLIT_LARS_VARIANTS, SPLIT_SHAPES,
     STEPS, TOL32, _check_large_finite_gradient, _check_split, _close, _grads, _lamb_call, _lars_call, _params,
-    _Pieces, _state, close_to_stored, lamb64_stored,
+    _Pieces, _state, check_fp32_grads, close_to_stored, fp32_grads, fp32_tol, lamb64_stored,
 )
 
 LOW = [torch.bfloat16, torch.float16]
@@ -236,6 +236,16 @@ def _run_groups(module, ref_cls, kw_of, op, call, state_keys, variant, steps=4):
     assert torch.equal(data[0][next(i for i, x in enumerate(g0) if x is params["frozen"])], frozen)
 
 
+@pytest.mark.parametrize("masters", [True, False], ids=["masters", "no_masters"])
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_fp32_gradients_of_16bit_parameters(algo, dtype, masters):
+    """float32 gradients of bf16/fp16 parameters (the G32 combinations) against the float64 references, as
+    tests/test_fused_cpu.py's test of that name."""
+    check_fp32_grads(algo, emu.lamb if algo == "lamb" else emu.lars, dtype, masters, fp32_tol(algo),
+                     shapes=[(5,), (18011,), (64, 33)])
+
+
 @pytest.mark.parametrize("variant", list(test_lamb_reference.VARIANTS))
 def test_lamb_two_groups_match_float64_reference(variant):
     _run_groups(test_lamb_reference, RefLamb, _lamb_class_kw, emu.lamb, _lamb_call, LAMB_STATE, variant)
@@ -323,11 +333,14 @@ class _Guarded:
         return bool((before == self.FILL).all() and (after == self.FILL).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_masters"])
+@pytest.mark.parametrize("dtype, grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16_masters", "bf16_masters_fp32_grads"])
 @pytest.mark.parametrize("misaligned", ["none", "all", "grad_only", "state_only"])
-def test_vector_and_scalar_paths_stay_in_bounds(dtype, misaligned):
+def test_vector_and_scalar_paths_stay_in_bounds(dtype, grad_dtype, misaligned):
     """Lengths off the vector width and one misaligned tensor (or only one of its buffers: the
-    vectorised path needs every address aligned), over several chunks, inside guard zones."""
+    vectorised path needs every address aligned, each for its own dtype's vector), over several chunks,
+    inside guard zones."""
     shapes = [(1,), (3,), (7,), (18011,), (2 * 65536 + 3,), (65536,)]
     masters = dtype != torch.float32
     params = _params(dtype, shapes=shapes)
@@ -343,7 +356,7 @@ def test_vector_and_scalar_paths_stay_in_bounds(dtype, misaligned):
             s["master"] = gm[i].t
     p = [x.t for x in gp]
     for step in range(2):
-        g = _grads(params, step)
+        g = _grads(params, step) if grad_dtype == dtype else fp32_grads(params, step)
         gg = [_Guarded(x, offs[1]) for x in g]
         _lamb_call(emu.lamb, p, [x.t for x in gg], st, **LAMB_KW)
         ref.step(_ref_grads(g, LAMB_KW))

@@ -193,18 +193,34 @@ def test_lamb_low_precision_with_masters(dtype, isa, block):
         _close(a, b, TOL_BF16 if dtype == torch.bfloat16 else 8 * torch.finfo(torch.float16).eps, f"param {i}")
 
 
-def lamb64_stored(params, grads_per_step, dtype):
-    """tests/reference.py's float64 RefLamb, with LAMB_KW's options, for parameters and moments stored in
-    ``dtype`` (bf16/fp16 without master weights): within a step m, v and the update are exact from the stored
-    values; after it what is stored (x, m, v) is rounded to ``dtype``. Returns the stored x, m, v (float64)."""
-    ref = RefLamb.from_params([p.double() for p in params], lr=LAMB_KW["lr"], betas=(LAMB_KW["beta1"],
-                              LAMB_KW["beta2"]), eps=LAMB_KW["eps"], weight_decay=LAMB_KW["weight_decay"])
+def stored64(ref, grads_per_step, dtype, keys):
+    """Steps the float64 reference ``ref`` (tests/reference.py) for parameters and state stored in ``dtype``
+    (bf16/fp16 without master weights): within a step everything is exact from the stored values; after it
+    what is stored (x and the state ``keys``) is rounded to ``dtype``. Returns the stored x and each key's
+    state (float64)."""
     for grads in grads_per_step:
         ref.step([grads])
-        states = [ref.state[(0, i)] for i in range(len(params))]
-        for t in ref.params + [st[k] for st in states for k in ("exp_avg", "exp_avg_sq")]:
+        states = [ref.state[(0, i)] for i in range(len(ref.params))]
+        for t in ref.params + [st[k] for st in states for k in keys]:
             t.copy_(t.to(dtype).double())
-    return ref.params, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    return (ref.params, *([st[k] for st in states] for k in keys))
+
+
+def ref_lamb64(params):
+    """tests/reference.py's float64 RefLamb with LAMB_KW's options."""
+    return RefLamb.from_params([p.double() for p in params], lr=LAMB_KW["lr"], betas=(LAMB_KW["beta1"],
+                               LAMB_KW["beta2"]), eps=LAMB_KW["eps"], weight_decay=LAMB_KW["weight_decay"])
+
+
+def ref_lars64(params):
+    """tests/reference.py's float64 RefLars with LARS_KW's options."""
+    return RefLars.from_params([p.double() for p in params], lr=LARS_KW["lr"], momentum=LARS_KW["momentum"],
+                               weight_decay=LARS_KW["weight_decay"], trust_coefficient=LARS_KW["trust_coefficient"])
+
+
+def lamb64_stored(params, grads_per_step, dtype):
+    """LAMB in float64 (RefLamb, LAMB_KW) with x, m, v stored in ``dtype``: see stored64."""
+    return stored64(ref_lamb64(params), grads_per_step, dtype, ("exp_avg", "exp_avg_sq"))
 
 
 def close_to_stored(params, states, stored, dtype, what=""):
@@ -256,6 +272,141 @@ def test_lamb_low_precision_without_masters_split_ops():
         torch.ops.lamb_cpu.set_scratch_limit(-1)
     for x, y in zip(p1 + [s["m"] for s in s1] + [s["v"] for s in s1], p2 + [s["m"] for s in s2] + [s["v"] for s in s2]):
         assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------- fp32 gradients, 16-bit params
+def fp32_grads(params, step):
+    """float32 gradients for any parameters (a bf16/fp16 parameter's with ``Tensor.grad_dtype = float32``):
+    N(0, 1) plus 1/3, values that no 16-bit type holds, so rounding them to the parameter's dtype shows."""
+    g = torch.Generator().manual_seed(2000 + step)
+    return [torch.randn(p.shape, generator=g) + 1 / 3 for p in params]
+
+
+FP32_GRAD_SHAPES = [(5,), (18011,), (64, 33), (40000,)]
+
+
+def close64(got, want, tol, what):
+    """Relative to each element, with an absolute floor of tol times the largest magnitude."""
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double().reshape(want.shape), want, rtol=tol, atol=tol * max(scale, 1e-30),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_fp32_grads(algo, step_fn, dtype, masters, fp32_tol, to_device=lambda xs: xs, shapes=FP32_GRAD_SHAPES):
+    """One fused LAMB or LARS kernel (``step_fn``: the CPU op wrapper, the emulated CUDA one, or a wrapper
+    over the GPU's) on bf16/fp16 parameters with float32 gradients, against the float64 reference fed the same
+    float32 gradients: with master weights the masters and the fp32 state to the fp32 tolerance
+    (``fp32_tol(step, numel)``); without, x and the state stored in ``dtype`` (stored64) to 2 eps of ``dtype``.
+    Rounding the gradients to ``dtype`` first (what the kernels did before they took float32 gradients) is off
+    by up to 2^-9 (bf16) or 2^-12 (fp16) relative in m with masters."""
+    params = _params(dtype, shapes=shapes)
+    p = to_device([x.clone() for x in params])
+    st = [{k: (to_device([v])[0] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+          for s in _state(params, masters)]
+    grads = [fp32_grads(params, step) for step in range(STEPS)]
+    call, kw, keys = ((_lamb_call, LAMB_KW, ("exp_avg", "exp_avg_sq")) if algo == "lamb" else
+                      (_lars_call, LARS_KW, ("momentum_buffer",)))
+    ref = ref_lamb64(params) if algo == "lamb" else ref_lars64(params)
+    mine = ("m", "v") if algo == "lamb" else ("m",)
+    if not masters:
+        for g in grads:
+            call(step_fn, p, to_device(g), st, **kw)
+        want = stored64(ref, grads, dtype, keys)
+        tol = 2 * torch.finfo(dtype).eps
+        for i in range(len(params)):
+            _close(want[0][i], p[i].cpu(), tol, f"param {i}")
+            for k, key in enumerate(mine):
+                _close(want[1 + k][i], st[i][key].cpu(), tol, f"{key} {i}")
+        return
+    numel = max(x.numel() for x in params)
+    for step, g in enumerate(grads, start=1):
+        call(step_fn, p, to_device(g), st, **kw)
+        ref.step([g])
+        for i in range(len(params)):
+            tol = fp32_tol(step, numel)
+            close64(st[i]["master"].cpu(), ref.params[i], tol, f"step {step}, master {i}")
+            assert torch.equal(p[i], st[i]["master"].to(dtype)), f"param {i} is not its master rounded"
+            for key, rkey in zip(mine, keys):
+                close64(st[i][key].cpu(), ref.state[(0, i)][rkey], tol, f"step {step}, {key} {i}")
+            close64(st[i]["tr"].cpu(), torch.tensor(ref.state[(0, i)]["trust_ratio"], dtype=torch.float64), tol,
+                    f"step {step}, trust ratio {i}")
+
+
+def fp32_tol(algo):
+    """reference.fp32_tolerance for LAMB (with its fp32 bias correction) or LARS."""
+    if algo == "lamb":
+        return lambda step, numel: fp32_tolerance(step, numel, beta2=LAMB_KW["beta2"])
+    return lambda step, numel: fp32_tolerance(step, numel, ops=8)
+
+
+@pytest.mark.parametrize("masters", [True, False], ids=["masters", "no_masters"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_fp32_gradients_of_16bit_parameters(algo, dtype, masters, isa, block):
+    check_fp32_grads(algo, _fused_lamb if algo == "lamb" else _fused_lars, dtype, masters, fp32_tol(algo))
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="Tensor.grad_dtype needs a newer torch")
+@pytest.mark.parametrize("masters", [True, False], ids=["masters", "no_masters"])
+@pytest.mark.parametrize("cls", ["Lamb", "Lars"])
+def test_class_steps_fp32_gradients_of_bf16_parameters(cls, masters):
+    """``Lamb``/``Lars(fused=True)`` on bf16 parameters whose gradients are float32 (``grad_dtype``): the kernel
+    reads them as they are (no copy) and agrees with the float64 reference (masters) or with the reference
+    backend to the bf16 rounding of what is stored (no masters)."""
+    import lamb
+    from lamb._fused import _grad_like
+
+    opts = _LAYOUT_OPTS[cls]
+    Opt = getattr(lamb, cls)
+    values = _params(torch.bfloat16, shapes=[(41, 37), (300,), (5,)])
+    grads = [fp32_grads(values, step) for step in range(3)]
+    ref = (RefLamb if cls == "Lamb" else RefLars).from_params([v.double() for v in values], **opts)
+
+    def run(**flags):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        for p in params:
+            p.grad_dtype = torch.float32
+        opt = Opt(params, master_weights=masters, **opts, **flags)
+        for g in grads:
+            for p, x in zip(params, g):
+                p.grad = x.clone()
+                assert _grad_like(p.grad, p) is p.grad
+            opt.step()
+        return params, opt
+
+    fused, opt = run(fused=True)
+    if masters:
+        for g in grads:
+            ref.step([g])
+        tol = fp32_tolerance(3, 41 * 37, **({"beta2": 0.999} if cls == "Lamb" else {"ops": 8}))
+        for i, p in enumerate(fused):
+            close64(opt.state[p]["master_param"], ref.params[i], tol, f"master {i}")
+    else:
+        backend, _ = run(foreach=False, fused=False)
+        for i, (a, b) in enumerate(zip(backend, fused)):
+            _close(a.detach(), b.detach(), 2 * torch.finfo(torch.bfloat16).eps, f"param {i}")
+
+
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_kernel_refuses_other_gradient_dtypes(algo, monkeypatch):
+    """A gradient neither in the parameter's dtype nor float32 for a 16-bit parameter is refused by the kernel
+    (the Python side converts such gradients before; this is the op's own check), naming both dtypes, before
+    anything is written."""
+    import lamb._fused
+
+    monkeypatch.setattr(lamb._fused, "_grad_like", lambda g, p: g)
+    call, fn, kw = (_lamb_call, _fused_lamb, LAMB_KW) if algo == "lamb" else (_lars_call, _fused_lars, LARS_KW)
+    for pd, gd in [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16), (torch.float16, torch.float64)]:
+        params = _params(pd, shapes=[(7,), (3,)])
+        st, before = _state(params), [p.clone() for p in params]
+        grads = [torch.ones(7, dtype=pd), torch.ones(3, dtype=gd)]
+        with pytest.raises(RuntimeError, match=rf"gradient dtype {_ATEN[gd]} differs from the parameter's "
+                                               rf"{_ATEN[pd]}.*float32 for a bfloat16/float16 parameter"):
+            call(fn, params, grads, st, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(params, before)) and all(s["step"] == 0 for s in st)
+
+
+_ATEN = {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half", torch.float64: "Double"}
 
 
 def test_lamb_float64_equations():

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 from tests.test_fused_cpu import (  # noqa: E402
     LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, STEPS, TOL32, _check_large_finite_gradient, _close, _grads,
-    _lamb_call, _lars_call, _params, _state, close_to_stored, lamb64_stored,
+    _lamb_call, _lars_call, _params, _state, check_fp32_grads, close_to_stored, fp32_tol, lamb64_stored,
 )
 
 
@@ -95,6 +95,18 @@ def test_lamb_cuda_low_precision_without_masters(dtype, check_finite, grad_scale
     for g in grads:
         _lamb_call(_fused_lamb, p, _cuda(g), st, **LAMB_KW, check_finite=check_finite)
     close_to_stored(p, st, lamb64_stored(params, grads, dtype), dtype)
+
+
+@pytest.mark.parametrize("masters", [True, False], ids=["masters", "no_masters"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("algo", ["lamb", "lars"])
+def test_cuda_fp32_gradients_of_16bit_parameters(algo, dtype, masters):
+    """float32 gradients of bf16/fp16 parameters against the float64 references (tests/test_fused_cpu.py's
+    test of that name)."""
+    from lamb._fused import _fused_lamb, _fused_lars
+
+    check_fp32_grads(algo, _fused_lamb if algo == "lamb" else _fused_lars, dtype, masters, fp32_tol(algo),
+                     to_device=_cuda)
 
 
 def test_cuda_matches_cpu_twin():

@@ -39,15 +39,30 @@ __device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }
 
-// Calls F::template run<P, S, MASTER>() for a batch's dtype combination.
-#define LAMB_CUDA_DISPATCH(combo, ...)                                      \
-  switch (combo) {                                                          \
-    case kF32: { using P = float; using S = float; constexpr bool MASTER = false; __VA_ARGS__; break; }      \
-    case kBF16: { using P = bf16_t; using S = bf16_t; constexpr bool MASTER = false; __VA_ARGS__; break; }   \
-    case kF16: { using P = fp16_t; using S = fp16_t; constexpr bool MASTER = false; __VA_ARGS__; break; }    \
-    case kBF16Master: { using P = bf16_t; using S = float; constexpr bool MASTER = true; __VA_ARGS__; break; } \
-    case kF16Master: { using P = fp16_t; using S = float; constexpr bool MASTER = true; __VA_ARGS__; break; }  \
-    default: return cudaErrorInvalidValue;                                   \
+// Runs __VA_ARGS__ with P (parameter), G (gradient), S (state) and MASTER set for a batch's dtype combination
+// (lamb_math::Combo).
+#define LAMB_CUDA_COMBO(c, P_, G_, S_, MASTER_, ...)                          \
+  case c: {                                                                   \
+    using P = P_;                                                             \
+    using G = G_;                                                             \
+    using S = S_;                                                             \
+    constexpr bool MASTER = MASTER_;                                          \
+    __VA_ARGS__;                                                              \
+    break;                                                                    \
+  }
+#define LAMB_CUDA_DISPATCH(combo, ...)                                        \
+  switch (combo) {                                                            \
+    LAMB_CUDA_COMBO(kF32, float, float, float, false, __VA_ARGS__)            \
+    LAMB_CUDA_COMBO(kBF16, bf16_t, bf16_t, bf16_t, false, __VA_ARGS__)        \
+    LAMB_CUDA_COMBO(kF16, fp16_t, fp16_t, fp16_t, false, __VA_ARGS__)         \
+    LAMB_CUDA_COMBO(kBF16Master, bf16_t, bf16_t, float, true, __VA_ARGS__)    \
+    LAMB_CUDA_COMBO(kF16Master, fp16_t, fp16_t, float, true, __VA_ARGS__)     \
+    LAMB_CUDA_COMBO(kBF16G32, bf16_t, float, bf16_t, false, __VA_ARGS__)      \
+    LAMB_CUDA_COMBO(kF16G32, fp16_t, float, fp16_t, false, __VA_ARGS__)       \
+    LAMB_CUDA_COMBO(kBF16MasterG32, bf16_t, float, float, true, __VA_ARGS__)  \
+    LAMB_CUDA_COMBO(kF16MasterG32, fp16_t, float, float, true, __VA_ARGS__)   \
+    default:                                                                  \
+      return cudaErrorInvalidValue;                                           \
   }
 
 }  // namespace lamb_cuda

@@ -26,7 +26,17 @@ namespace lamb_cuda {
 
 constexpr int64_t kChunkSize = 65536;
 
-enum Combo : int { kF32 = 0, kBF16 = 1, kF16 = 2, kBF16Master = 3, kF16Master = 4 };
+// The dtype combinations (parameter, gradient, state, master) are lamb_math's, shared with the CPU twin.
+using lamb_math::kBF16;
+using lamb_math::kBF16G32;
+using lamb_math::kBF16Master;
+using lamb_math::kBF16MasterG32;
+using lamb_math::kF16;
+using lamb_math::kF16G32;
+using lamb_math::kF16Master;
+using lamb_math::kF16MasterG32;
+using lamb_math::kF32;
+using lamb_math::kNumCombos;
 
 // Per-tensor terms computed on the device.
 struct TensorCoef {
@@ -59,7 +69,7 @@ struct Batch {
 // must outlive the batches).
 template <class Call>
 void append_batches(Call& call) {
-  for (int c = 0; c < 5; ++c) {
+  for (int c = 0; c < kNumCombos; ++c) {
     if (call.numel[c].empty()) continue;
     Batch b;
     b.n = static_cast<int>(call.numel[c].size());

@@ -127,6 +127,41 @@ LAMB_HD fp16_t from_float<fp16_t>(float f) {
   return h;
 }
 
+// ------------------------------------------------------------------------------------ dtype combinations
+// How a tensor's parameter, gradient and state are stored: every pass is instantiated once per combination
+// (CPU: LAMB_CPU_COMBOS in cpu/lamb_cpu_kernels.inc; CUDA: LAMB_CUDA_DISPATCH in kernel_common.cuh).
+//
+//   combination                 parameter   gradient   m, v (LARS: momentum)   master weights
+//   kF32                        fp32        fp32       fp32                    -
+//   kBF16, kF16                 16-bit      16-bit     16-bit                  -
+//   kBF16Master, kF16Master     16-bit      16-bit     fp32                    fp32
+//   kBF16G32, kF16G32           16-bit      fp32       16-bit                  -
+//   kBF16MasterG32, kF16MasterG32  16-bit   fp32       fp32                    fp32
+//
+// The G32 combinations take an fp32 gradient of a 16-bit parameter (torch's Tensor.grad_dtype) as it is:
+// rounding it to the parameter's dtype first would cost 8 (bf16) or 11 (fp16) of its 24 bits before the
+// moments, which the reference backend computes from the fp32 gradient.
+enum Combo : int {
+  kF32 = 0,
+  kBF16,
+  kF16,
+  kBF16Master,
+  kF16Master,
+  kBF16G32,
+  kF16G32,
+  kBF16MasterG32,
+  kF16MasterG32,
+  kNumCombos
+};
+
+// The combination of the same parameter and state with an fp32 gradient.
+LAMB_HD int with_fp32_grad(int combo) { return combo == kF32 ? kF32 : combo + (kBF16G32 - kBF16); }
+
+// Moments stored in 16 bits (no master weights).
+LAMB_HD bool moments_16bit(int combo) {
+  return combo == kBF16 || combo == kF16 || combo == kBF16G32 || combo == kF16G32;
+}
+
 // ------------------------------------------------------------------------------------ LAMB
 enum BiasCorrection : int { kBiasMoments = 0, kBiasLr = 1, kBiasNone = 2 };
 enum WeightDecayMode : int { kDecayRatio = 0, kDecayL2 = 1, kDecayDecoupled = 2 };

@@ -91,10 +91,10 @@ struct Call {
 // stats_from_steps: the split step's pass A, where the binding passes state_steps for the statistics.
 void prepare(Call& call, const EmuTensor* ts, int n, bool has_bufs2, bool stats_from_steps) {
   call.n = n;
-  for (int k = 0; k < 5; ++k) call.ptr[k].assign(5, {});
-  call.numel.assign(5, {});
-  call.chunk_base.assign(5, {});
-  call.id.assign(5, {});
+  for (int k = 0; k < 5; ++k) call.ptr[k].assign(kNumCombos, {});
+  call.numel.assign(kNumCombos, {});
+  call.chunk_base.assign(kNumCombos, {});
+  call.id.assign(kNumCombos, {});
   call.table.assign(5 * static_cast<size_t>(n) + 1, 0);
   int64_t* tab = call.table.data();
   int64_t chunks = 0;

@@ -37,8 +37,10 @@ KERNEL_SOURCES = [SRC / "lamb_kernels.cu", SRC / "lars_kernels.cu"]
 CXXFLAGS = ["-O1", "-std=c++20", "-fPIC", "-ffp-contract=off", "-DLAMB_CUDA_EMULATE",
             "-fsanitize=alignment,bounds", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror"]
 
+# lamb_math::Combo by (parameter dtype, master weights); an fp32 gradient of a 16-bit parameter adds G32.
 COMBOS = {(torch.float32, False): 0, (torch.bfloat16, False): 1, (torch.float16, False): 2,
           (torch.bfloat16, True): 3, (torch.float16, True): 4}
+G32 = 4  # kBF16G32 - kBF16
 
 
 def compiler() -> str | None:
@@ -178,10 +180,13 @@ def _tensors(params, grads, bufs1, bufs2, masters, steps, trs, wns, uns):
         for t, what in ((steps[i], "state step"), (trs[i], "trust_ratio"), (wns[i], "weight_norm"),
                         (uns[i], "update_norm")):
             _check_scalar(t, what)
+        # the binding's combo_of
         combo = COMBOS.get((p.dtype, master is not None))
         state_dtype = torch.float32 if master is not None else p.dtype
-        if combo is None or bufs1[i].dtype != state_dtype or grads[i].dtype != p.dtype:
+        fp32_grad = grads[i].dtype == torch.float32 and p.dtype != torch.float32
+        if combo is None or bufs1[i].dtype != state_dtype or not (grads[i].dtype == p.dtype or fp32_grad):
             raise RuntimeError(f"lamb emulated CUDA: unsupported dtypes for parameter {i}")
+        combo += G32 if fp32_grad else 0
         arr[i] = _Tensor(p.data_ptr(), grads[i].data_ptr(), bufs1[i].data_ptr(),
                          None if bufs2 is None else bufs2[i].data_ptr(), _ptr(master), p.numel(), combo, 0,
                          steps[i].data_ptr(), trs[i].data_ptr(), wns[i].data_ptr(), uns[i].data_ptr())
