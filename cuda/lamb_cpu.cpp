@@ -387,13 +387,15 @@ static std::vector<TensorRef> collect(at::TensorList params, at::TensorList grad
   const size_t n = params.size();
   const bool has_stats = !(trust_ratios.empty() && weight_norms.empty() && update_norms.empty());
   TORCH_CHECK(grads.size() == n && bufs1.size() == n && (bufs2.empty() || bufs2.size() == n) &&
-                  masters.size() == n && steps.size() == n &&
+                  (masters.size() == n || masters.empty()) && steps.size() == n &&
                   (!has_stats || (trust_ratios.size() == n && weight_norms.size() == n && update_norms.size() == n)),
-              "lamb fused CPU: the tensor lists must have one entry per parameter");
+              "lamb fused CPU: the tensor lists must have one entry per parameter (master_params: or none)");
   std::vector<TensorRef> ts(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    const std::optional<at::Tensor> mo = masters.get(i);
+    // an empty master list: no parameter of the call has a master (lamb/_fused.py passes one so, since
+    // torch.compile's inductor cannot yet take a written list that holds None)
+    const std::optional<at::Tensor> mo = masters.empty() ? std::nullopt : masters.get(i);
     const bool has_master = mo.has_value() && mo->defined();
     TORCH_CHECK(p.device().is_cpu(), "lamb fused CPU: parameter ", i, " is on ", p.device());
     TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "lamb fused CPU: parameter ", i,
@@ -734,19 +736,19 @@ void lars_pass_b(at::TensorList params, at::TensorList grads, at::TensorList mom
 TORCH_LIBRARY(lamb_cpu, m) {
   m.def(
       "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
-      "Tensor(h!)[] update_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, float lr, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
+      "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, Tensor? grad_divisor, Tensor? grad_scale, "
+      "Tensor? found_inf, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, int bias_correction, "
       "bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, "
-      "float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
-      &lamb_cpu::lamb_step);
+      "float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
   m.def(
-      "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
-      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(h!)[] update_norms, "
       "Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
       "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
-      "bool maximize, bool check_finite) -> ()",
-      &lamb_cpu::lars_step);
+      "bool maximize, bool check_finite) -> ()");
   // The split step (ZeRO partitions; see lamb_pass_a above): same arguments, the statistics replaced by
   // sq_norms (pass A writes it) or followed by it (pass B reads the completed norms).
   m.def(
@@ -754,30 +756,39 @@ TORCH_LIBRARY(lamb_cpu, m) {
       "Tensor?[] master_params, Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_divisor, "
       "Tensor? grad_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, "
-      "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
-      &lamb_cpu::lamb_pass_a);
+      "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
   m.def(
       "lamb_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
-      "Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
+      "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_divisor, "
+      "Tensor? grad_scale, Tensor? found_inf, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, "
       "int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, "
-      "float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
-      &lamb_cpu::lamb_pass_b);
+      "float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
   m.def(
       "lars_pass_a_(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor?[] master_params, "
       "Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_scale, Tensor? found_inf, float lr, "
       "float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, int denominator, "
-      "bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()",
-      &lamb_cpu::lars_pass_a);
+      "bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()");
   m.def(
-      "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
-      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(h!)[] update_norms, "
       "Tensor sq_norms, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
       "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
-      "bool maximize, bool check_finite) -> ()",
-      &lamb_cpu::lars_pass_b);
+      "bool maximize, bool check_finite) -> ()");
   m.def("set_isa(int which) -> int", &lamb_cpu::set_isa);
   m.def("set_cache_block(int elems) -> int", &lamb_cpu::set_cache_block);
   m.def("set_scratch_limit(int elems) -> int", &lamb_cpu::set_scratch_limit);
+}
+
+// The stepping ops have a CPU kernel only (not a catch-all one), so that torch.compile traces them with the fake
+// (shape-only) implementations lamb/ops registers when it loads the library.
+TORCH_LIBRARY_IMPL(lamb_cpu, CPU, m) {
+  m.impl("lamb_step_", &lamb_cpu::lamb_step);
+  m.impl("lars_step_", &lamb_cpu::lars_step);
+  m.impl("lamb_pass_a_", &lamb_cpu::lamb_pass_a);
+  m.impl("lamb_pass_b_", &lamb_cpu::lamb_pass_b);
+  m.impl("lars_pass_a_", &lamb_cpu::lars_pass_a);
+  m.impl("lars_pass_b_", &lamb_cpu::lars_pass_b);
 }

@@ -88,10 +88,11 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
   const int n = static_cast<int>(params.size());
   call.n = n;
   TORCH_CHECK(grads.size() == params.size() && bufs1.size() == params.size() &&
-                  (bufs2.empty() || bufs2.size() == params.size()) && masters.size() == params.size() &&
-                  steps.size() == params.size() && trust_ratios.size() == params.size() &&
-                  weight_norms.size() == params.size() && update_norms.size() == params.size(),
-              "lamb fused CUDA: the tensor lists must have one entry per parameter");
+                  (bufs2.empty() || bufs2.size() == params.size()) &&
+                  (masters.size() == params.size() || masters.empty()) && steps.size() == params.size() &&
+                  trust_ratios.size() == params.size() && weight_norms.size() == params.size() &&
+                  update_norms.size() == params.size(),
+              "lamb fused CUDA: the tensor lists must have one entry per parameter (master_params: or none)");
   const at::Device dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "lamb fused CUDA: parameters must be CUDA tensors");
   for (int k = 0; k < 5; ++k) call.ptr[k].assign(kNumCombos, {});
@@ -108,7 +109,8 @@ void prepare(Call& call, at::TensorList params, at::TensorList grads, at::Tensor
                 p.device(), ")");
     TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "lamb fused CUDA: parameter ", i,
                 " is not dense");
-    const std::optional<at::Tensor> mo = masters.get(i);
+    // an empty master list: no parameter of the call has a master (see cuda/lamb_cpu.cpp)
+    const std::optional<at::Tensor> mo = masters.empty() ? std::nullopt : masters.get(i);
     const bool has_master = mo.has_value() && mo->defined();
     check_like(grads[i], p, "a gradient");
     check_like(bufs1[i], p, "a state buffer");
@@ -359,19 +361,18 @@ void lars_split_b(at::TensorList params, at::TensorList grads, at::TensorList mo
 TORCH_LIBRARY(lamb_cuda, m) {
   m.def(
       "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
       "Tensor(h!)[] update_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, "
       "int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, "
-      "float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()",
-      &lamb_cuda::lamb_step);
+      "float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
   m.def(
-      "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
-      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
+      "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float momentum, float weight_decay, "
       "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
-      "bool maximize, bool check_finite) -> ()",
-      &lamb_cuda::lars_step);
+      "bool maximize, bool check_finite) -> ()");
   // The split step (ZeRO partitions): the statistics replaced by sq_norms (pass A writes the pieces' partial
   // squared norms) or followed by it (pass B reads the complete ones); see lamb/_fused.py.
   m.def(
@@ -380,28 +381,36 @@ TORCH_LIBRARY(lamb_cuda, m) {
       "Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, "
       "float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, "
-      "bool maximize, bool check_finite) -> ()",
-      &lamb_cuda::lamb_split_a);
+      "bool maximize, bool check_finite) -> ()");
   m.def(
       "lamb_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
       "Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_divisor, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, "
       "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, "
-      "bool check_finite) -> ()",
-      &lamb_cuda::lamb_split_b);
+      "bool check_finite) -> ()");
   m.def(
       "lars_pass_a_(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor?[] master_params, "
       "Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, "
       "float lr, float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, "
-      "int denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()",
-      &lamb_cuda::lars_split_a);
+      "int denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()");
   m.def(
-      "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] master_params, "
-      "Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
+      "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
+      "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, "
       "Tensor sq_norms, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float momentum, "
       "float weight_decay, float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, "
-      "bool adapt, bool maximize, bool check_finite) -> ()",
-      &lamb_cuda::lars_split_b);
+      "bool adapt, bool maximize, bool check_finite) -> ()");
+}
+
+// A CUDA kernel only (not a catch-all one), so that torch.compile traces the ops with the fake implementations
+// lamb/ops registers when it loads the library.
+TORCH_LIBRARY_IMPL(lamb_cuda, CUDA, m) {
+  m.impl("lamb_step_", &lamb_cuda::lamb_step);
+  m.impl("lars_step_", &lamb_cuda::lars_step);
+  m.impl("lamb_pass_a_", &lamb_cuda::lamb_split_a);
+  m.impl("lamb_pass_b_", &lamb_cuda::lamb_split_b);
+  m.impl("lars_pass_a_", &lamb_cuda::lars_split_a);
+  m.impl("lars_pass_b_", &lamb_cuda::lars_split_b);
 }

@@ -60,6 +60,19 @@ class LayerwiseOptimizer(Optimizer):
         if defaults.get("fused"):
             self._step_supports_amp_scaling = True
 
+    @staticmethod
+    def _load_fused_kernels(params: list[Tensor]) -> None:
+        """Load (building on first use) the fused kernels of a fused=True group's devices when the group is
+        added rather than in the first step, so that a step compiled by torch.compile finds them loaded
+        (loading is not traceable). Where no fused kernel can run nothing happens here: the step raises
+        with the reason."""
+        if not params or not _fused_support(params)[0]:
+            return
+        from lamb import ops
+
+        for kind in sorted({p.device.type for p in params}):
+            (ops.load_cpu if kind == "cpu" else ops.load_cuda)()
+
     def _amp_state(self) -> tuple[Tensor | None, Tensor | None]:
         """``(grad_scale, found_inf)`` that GradScaler left for this step, or ``(None, None)``."""
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
@@ -102,6 +115,8 @@ class LayerwiseOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if group["fused"]:
+            self._load_fused_kernels(group["params"])
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -125,7 +140,9 @@ class LayerwiseOptimizer(Optimizer):
         """``"fused"``, ``"foreach"`` or ``"single"`` for this group, decided in this one place.
 
         ``fused=True`` where no fused kernel can run raises: no silent fallback. With both flags None,
-        the fused kernel is taken where it is built and supports the tensors, else foreach.
+        the fused kernel is taken where it is built and supports the tensors, else foreach; under
+        torch.compile foreach, which the compiler turns into its own fused loops (as torch.optim's
+        defaults do), and whose choice needs no look at the file system in the traced step.
         """
         if group["fused"]:
             ok, reason = _fused_support(params)
@@ -134,7 +151,8 @@ class LayerwiseOptimizer(Optimizer):
             return "fused"
         if group["foreach"] is False:
             return "single"
-        if group["foreach"] is None and group["fused"] is None and _fused_preferred(params):
+        if group["foreach"] is None and group["fused"] is None and not torch.compiler.is_compiling() and \
+                _fused_preferred(params):
             return "fused"
         return "foreach"
 
@@ -170,7 +188,8 @@ class LayerwiseOptimizer(Optimizer):
             if not ok:
                 raise RuntimeError(f"{type(self).__name__}(fused=True) cannot run here: {reason}")
             return "fused"
-        return "fused" if group["foreach"] is None and _fused_preferred(params) else "foreach"
+        compiling = torch.compiler.is_compiling()
+        return "fused" if group["foreach"] is None and not compiling and _fused_preferred(params) else "foreach"
 
     def _finish_step(self, group: dict[str, Any], states: list[dict[str, Any]]) -> None:
         if self._partition_layout is not None:

@@ -121,19 +121,27 @@ def fused_preferred(tensors: list[Tensor]) -> bool:
 
 
 def _op(device: torch.device, name: str) -> Any:
+    # is_loaded first: loading takes a lock, which torch.compile cannot trace (LayerwiseOptimizer loads the
+    # kernel when it is built with fused=True, so a compiled step finds it loaded)
     if device.type == "cpu":
-        ops.load_cpu()
+        if not ops.is_loaded("cpu"):
+            ops.load_cpu()
         return getattr(torch.ops.lamb_cpu, name)
     if device.type == "cuda":
-        ops.load_cuda()
+        if not ops.is_loaded("cuda"):
+            ops.load_cuda()
         return getattr(torch.ops.lamb_cuda, name)
     raise RuntimeError(f"lamb: no fused kernel for {device.type} tensors")
 
 
-def _by_device(params: list[Tensor]) -> dict[torch.device, list[int]]:
-    out: dict[torch.device, list[int]] = defaultdict(list)
+def _calls(params: list[Tensor], master_params: list[Tensor | None]) -> dict[tuple[torch.device, bool], list[int]]:
+    """The parameters' indices by (device, has a master): one kernel call each. A call without masters passes
+    an empty master list, not a list of None: torch.compile's inductor cannot take a written list holding None
+    (``Tensor(d!)?[]``). Nothing the caller sees depends on the split: found_inf and the grad divisor are
+    the same tensors in every call, and a cache block of the CPU kernel changes no bit of the result."""
+    out: dict[tuple[torch.device, bool], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
-        out[p.device].append(i)
+        out[(p.device, master_params[i] is not None)].append(i)
     return out
 
 
@@ -246,7 +254,7 @@ def _fused_lamb(
              None if max_trust_ratio is None else float(max_trust_ratio),
              None if lo is None else float(lo), None if hi is None else float(hi), bool(maximize), bool(check_finite))
     calls = []
-    for device, idx in _by_device(params).items():
+    for (device, has_master), idx in _calls(params, master_params).items():
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         lr_f, lr_t = _lr(lr, device)
         head = [
@@ -254,7 +262,7 @@ def _fused_lamb(
             [_grad_like(grads[i], params[i]) for i in idx],
             pick(exp_avgs),
             pick(exp_avg_sqs),
-            pick(master_params),
+            pick(master_params) if has_master else [],
             pick(state_steps),
         ]
         stats = [pick(trust_ratios), pick(weight_norms), pick(update_norms)]
@@ -303,14 +311,14 @@ def _fused_lars(
     hyper = (float(momentum), float(weight_decay), float(trust_coefficient), float(eps), bool(nesterov),
              _DENOMINATORS[denominator], bool(trust_clip), bool(adapt), bool(maximize), bool(check_finite))
     calls = []
-    for device, idx in _by_device(params).items():
+    for (device, has_master), idx in _calls(params, master_params).items():
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         lr_f, lr_t = _lr(lr, device)
         head = [
             pick(params),
             [_grad_like(grads[i], params[i]) for i in idx],
             pick(momentum_buffers),
-            pick(master_params),
+            pick(master_params) if has_master else [],
             pick(state_steps),
         ]
         stats = [pick(trust_ratios), pick(weight_norms), pick(update_norms)]

@@ -183,3 +183,60 @@ def test_explain_reports_no_graph_break():
     opt.step()  # state exists: explain sees the steady-state step
     explanation = torch._dynamo.explain(opt.step)()
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# The fused kernels compile too: their ops have fake (shape-only) implementations, so the step is one graph with
+# the kernel in it (fullgraph=True), and a parameter group that mixes master-weight parameters with fp32 ones
+# (two kernel calls) as well. With both backend flags None a compiled step takes foreach, even where the
+# fused kernel is built (its eager choice), since that choice looks at the file system.
+BF16, F32 = torch.bfloat16, torch.float32
+FUSED_COMPILE = {
+    "lamb_fused": (Lamb, dict(lr=0.01, weight_decay=0.01, max_grad_norm=1.0, fused=True), (F32, F32, F32)),
+    "lars_fused": (Lars, dict(lr=0.1, weight_decay=1e-3, trust_coefficient=0.02, nesterov=True, fused=True),
+                   (F32, F32, F32)),
+    "lamb_fused_mixed_masters": (Lamb, dict(lr=0.01, weight_decay=0.01, fused=True, master_weights=True),
+                                 (BF16, F32, BF16)),
+    "lars_fused_mixed_masters": (Lars, dict(lr=0.1, weight_decay=1e-3, fused=True, master_weights=True),
+                                 (BF16, F32, BF16)),
+    "lamb_default_kernel_built": (Lamb, dict(lr=0.01, weight_decay=0.01), (F32, F32, F32)),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_COMPILE)
+def test_compiled_fused_step_full_graph_equals_eager(name):
+    from lamb import ops
+
+    ok, why = ops.cpu_status()
+    if not ok:
+        pytest.skip(f"fused CPU kernel unavailable: {why}")
+    ops.load_cpu()  # built: with both flags None eager takes the fused kernel
+    torch._dynamo.reset()
+    cls, kw, dtypes = FUSED_COMPILE[name]
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((33,), (5, 7), (1,))
+    eager_p = [torch.randn(s, generator=gen).to(dt).requires_grad_() for s, dt in zip(shapes, dtypes)]
+    comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
+    eager, comp = cls(eager_p, **kw), cls(comp_p, **kw)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def compiled_step():
+        comp.step()
+
+    steps = 3
+    for step in range(1, steps + 1):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in eager_p]
+        for ps in (eager_p, comp_p):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        eager.step()
+        compiled_step()  # fullgraph=True: a graph break raises here
+        tol = fp32_tolerance(step, 64)
+        for p, q in zip(eager_p, comp_p):
+            torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+            for key, v in eager.state[p].items():
+                torch.testing.assert_close(comp.state[q][key], v, rtol=tol, atol=tol, msg=key)
+        assert all(comp.state[q]["step"].item() == step for q in comp_p)
+    # the kernel is in the graph where fused=True, and not where the flags are None
+    graphs = torch._dynamo.explain(comp.step)().graphs
+    in_graph = any("lamb_cpu" in str(g.graph) for g in graphs)
+    assert in_graph == bool(kw.get("fused")), [str(g.graph) for g in graphs]

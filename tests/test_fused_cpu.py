@@ -409,6 +409,38 @@ def test_kernel_refuses_other_gradient_dtypes(algo, monkeypatch):
 _ATEN = {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half", torch.float64: "Double"}
 
 
+@pytest.mark.parametrize("cls", ["Lamb", "Lars"])
+def test_class_fused_mixes_master_and_fp32_parameters(cls):
+    """One group of bf16, fp32 and fp16 parameters with master_weights=True (the 16-bit ones get masters, the fp32
+    one none: two kernel calls, one of them with no master list) against the float64 reference; a skipped
+    step (GradScaler's found_inf) leaves every parameter of both calls as it was."""
+    import lamb
+
+    opts = _LAYOUT_OPTS[cls]
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    gen = torch.Generator().manual_seed(11)
+    values = [torch.randn(s, generator=gen).to(dt) for s, dt in zip([(41, 37), (300,), (5,), (18011,)], dtypes)]
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = getattr(lamb, cls)(params, master_weights=True, fused=True, **opts)
+    ref = (RefLamb if cls == "Lamb" else RefLars).from_params([v.double() for v in values], **opts)
+    for step in range(1, 4):
+        grads = [torch.randn(v.shape, generator=gen).to(v.dtype) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        ref.step([grads])
+        tol = fp32_tolerance(step, 18011, **({"beta2": 0.999} if cls == "Lamb" else {"ops": 8}))
+        for i, p in enumerate(params):
+            got = opt.state[p]["master_param"] if p.dtype != torch.float32 else p.detach()
+            close64(got, ref.params[i], tol, f"step {step}, param {i} ({p.dtype})")
+    before = [p.detach().clone() for p in params] + [opt.state[p]["master_param"].clone() for p in params[::2]]
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    after = [p.detach() for p in params] + [opt.state[p]["master_param"] for p in params[::2]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step wrote"
+    assert all(opt.state[p]["step"].item() == 3 for p in params)
+
+
 def test_lamb_float64_equations():
     """Independent of the package's reference: LAMB Algorithm 2 in float64, written from the equations."""
     params = _params(shapes=[(10,), (300,)])

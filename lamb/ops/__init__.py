@@ -41,6 +41,7 @@ __all__ = [
     "cuda_status",
     "is_cpu_built",
     "is_cuda_built",
+    "is_loaded",
     "source_dir",
     "CPU_SOURCES",
     "CUDA_SOURCES",
@@ -213,10 +214,28 @@ def cuda_status(device: torch.device | None = None) -> tuple[bool, str]:
     return True, ""
 
 
+# The ops that step tensors: each has a device kernel only, and the fake implementation below, so that
+# torch.compile can put them in its graph (they return nothing and write only the tensors their schemas mark
+# as written, so the fake implementation has nothing to compute).
+STEP_OPS = ("lamb_step_", "lars_step_", "lamb_pass_a_", "lamb_pass_b_", "lars_pass_a_", "lars_pass_b_")
+
+
+def _writes_in_place_only(*args, **kwargs) -> None:
+    return None
+
+
 def _load_library(kind: str, path: str) -> str:
     torch.ops.load_library(path)
+    for name in STEP_OPS:
+        torch.library.register_fake(f"lamb_{kind}::{name}")(_writes_in_place_only)
     _loaded[kind] = path
     return path
+
+
+def is_loaded(kind: str) -> bool:
+    """Whether the ``"cpu"`` or ``"cuda"`` kernel is loaded in this process (a dictionary look-up, so that
+    torch.compile traces it)."""
+    return kind in _loaded
 
 
 def _jit(kind: str, sources: list[str], **kw) -> str:

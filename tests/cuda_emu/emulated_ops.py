@@ -168,7 +168,7 @@ def _tensors(params, grads, bufs1, bufs2, masters, steps, trs, wns, uns):
     n = len(params)
     arr = (_Tensor * n)()
     for i, p in enumerate(params):
-        master = masters[i]
+        master = masters[i] if masters else None  # an empty list: no masters (the binding's rule)
         if p.numel() and not p.is_contiguous():
             raise RuntimeError(f"lamb emulated CUDA: parameter {i} is not dense")
         _check_like(grads[i], p, "a gradient")
