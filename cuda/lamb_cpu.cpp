@@ -448,14 +448,25 @@ static bool grad_multiplier(const std::optional<at::Tensor>& grad_divisor, const
 }
 
 // ---------------------------------------------------------------------------------------- LAMB
+// lr_tensor: a learning rate held in a tensor (torch.compile keeps a tensor lr out of its guards, so a schedule
+// does not recompile the step); read here, by the kernel, where the Python side would need a host read that
+// breaks the graph.  Else lr.
+static double lr_of(const std::optional<at::Tensor>& lr_tensor, double lr) {
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return lr;
+  TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1 && lr_tensor->is_floating_point(),
+              "lamb fused CPU: lr_tensor must be a one-element floating-point CPU tensor, got ",
+              lr_tensor->scalar_type(), " of ", lr_tensor->numel(), " elements on ", lr_tensor->device());
+  return lr_tensor->item<double>();
+}
+
 #define LAMB_HP_ARGS                                                                                           \
-  double lr, double beta1, double beta2, double eps, double weight_decay, int64_t weight_decay_mode,            \
-      int64_t bias_correction, bool grad_averaging, bool adapt, std::optional<double> min_trust_ratio,          \
-      std::optional<double> max_trust_ratio, std::optional<double> weight_norm_lo,                              \
-      std::optional<double> weight_norm_hi, bool maximize, bool check_finite
+  const std::optional<at::Tensor>&lr_tensor, double lr, double beta1, double beta2, double eps,                 \
+      double weight_decay, int64_t weight_decay_mode, int64_t bias_correction, bool grad_averaging, bool adapt, \
+      std::optional<double> min_trust_ratio, std::optional<double> max_trust_ratio,                            \
+      std::optional<double> weight_norm_lo, std::optional<double> weight_norm_hi, bool maximize, bool check_finite
 #define LAMB_HP_PASS                                                                                           \
-  lr, beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction, grad_averaging, adapt,              \
-      min_trust_ratio, max_trust_ratio, weight_norm_lo, weight_norm_hi
+  lr_of(lr_tensor, lr), beta1, beta2, eps, weight_decay, weight_decay_mode, bias_correction, grad_averaging,     \
+      adapt, min_trust_ratio, max_trust_ratio, weight_norm_lo, weight_norm_hi
 
 static LambParams lamb_params(double lr, double beta1, double beta2, double eps, double weight_decay,
                               int64_t weight_decay_mode, int64_t bias_correction, bool grad_averaging, bool adapt,
@@ -620,9 +631,11 @@ void lamb_pass_b(at::TensorList params, at::TensorList grads, at::TensorList exp
 
 // ---------------------------------------------------------------------------------------- LARS
 #define LARS_HP_ARGS                                                                                           \
-  double lr, double momentum, double weight_decay, double trust_coefficient, double eps, bool nesterov,         \
-      int64_t denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite
-#define LARS_HP_PASS lr, momentum, weight_decay, trust_coefficient, eps, nesterov, denominator, trust_clip, adapt
+  const std::optional<at::Tensor>&lr_tensor, double lr, double momentum, double weight_decay,                   \
+      double trust_coefficient, double eps, bool nesterov, int64_t denominator, bool trust_clip, bool adapt,    \
+      bool maximize, bool check_finite
+#define LARS_HP_PASS \
+  lr_of(lr_tensor, lr), momentum, weight_decay, trust_coefficient, eps, nesterov, denominator, trust_clip, adapt
 
 static LarsParams lars_params(double lr, double momentum, double weight_decay, double trust_coefficient, double eps,
                               bool nesterov, int64_t denominator, bool trust_clip, bool adapt) {
@@ -734,47 +747,49 @@ void lars_pass_b(at::TensorList params, at::TensorList grads, at::TensorList mom
 }  // namespace lamb_cpu
 
 TORCH_LIBRARY(lamb_cpu, m) {
+  // Written arguments are marked (a!) .. (h!), (s!): torch.compile keeps their updates and takes the others as
+  // unchanged (tests/test_op_schemas.py checks the marks against what the kernels write).
   m.def(
       "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
       "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, Tensor? grad_divisor, Tensor? grad_scale, "
-      "Tensor? found_inf, float lr, "
-      "float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, int bias_correction, "
-      "bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, "
-      "float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
+      "Tensor? found_inf, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, "
+      "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, "
+      "bool check_finite) -> ()");
   m.def(
       "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
-      "Tensor(h!)[] update_norms, "
-      "Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
-      "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
-      "bool maximize, bool check_finite) -> ()");
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
+      "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? lr_tensor, float lr, float momentum, float weight_decay, float trust_coefficient, float eps, "
+      "bool nesterov, int denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()");
   // The split step (ZeRO partitions; see lamb_pass_a above): same arguments, the statistics replaced by
   // sq_norms (pass A writes it) or followed by it (pass B reads the completed norms).
   m.def(
       "lamb_pass_a_(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor?[] master_params, Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_divisor, "
-      "Tensor? grad_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, "
-      "float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, "
+      "float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, "
+      "bool maximize, bool check_finite) -> ()");
   m.def(
       "lamb_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
       "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_divisor, "
-      "Tensor? grad_scale, Tensor? found_inf, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, int weight_decay_mode, "
-      "int bias_correction, bool grad_averaging, bool adapt, float? min_trust_ratio, float? max_trust_ratio, "
-      "float? weight_norm_lo, float? weight_norm_hi, bool maximize, bool check_finite) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int weight_decay_mode, int bias_correction, bool grad_averaging, bool adapt, "
+      "float? min_trust_ratio, float? max_trust_ratio, float? weight_norm_lo, float? weight_norm_hi, "
+      "bool maximize, bool check_finite) -> ()");
   m.def(
       "lars_pass_a_(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor?[] master_params, "
-      "Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_scale, Tensor? found_inf, float lr, "
-      "float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, int denominator, "
-      "bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()");
+      "Tensor[] state_steps, Tensor(s!) sq_norms, Tensor? grad_scale, Tensor? found_inf, Tensor? lr_tensor, "
+      "float lr, float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, "
+      "int denominator, bool trust_clip, bool adapt, bool maximize, bool check_finite) -> ()");
   m.def(
       "lars_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, Tensor(g!)[] weight_norms, "
-      "Tensor(h!)[] update_norms, "
-      "Tensor sq_norms, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
+      "Tensor(d!)?[] master_params, Tensor(e!)[] state_steps, Tensor(f!)[] trust_ratios, "
+      "Tensor(g!)[] weight_norms, Tensor(h!)[] update_norms, Tensor sq_norms, Tensor? grad_scale, "
+      "Tensor? found_inf, Tensor? lr_tensor, float lr, float momentum, float weight_decay, "
       "float trust_coefficient, float eps, bool nesterov, int denominator, bool trust_clip, bool adapt, "
       "bool maximize, bool check_finite) -> ()");
   m.def("set_isa(int which) -> int", &lamb_cpu::set_isa);

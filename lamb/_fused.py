@@ -164,8 +164,12 @@ def _scalar_on(t: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
-    """A float lr for the CPU kernel; on CUDA a tensor lr stays on the device (read by the kernel)."""
+    """``(float lr, tensor lr or None)`` for the kernels' ``lr`` and ``lr_tensor``. A tensor lr stays a tensor
+    (read by the CPU kernel, or on the device by the CUDA kernels), so that no host read of it breaks a step
+    compiled by torch.compile, which keeps a tensor lr out of its guards: a schedule then does not recompile."""
     if isinstance(lr, Tensor):
+        if device.type == "cpu" and lr.device.type == "cpu" and lr.is_floating_point():
+            return 0.0, lr
         if device.type == "cpu" or lr.device.type == "cpu":
             return float(lr), None
         return 0.0, _scalar_on(lr, device)
@@ -267,8 +271,7 @@ def _fused_lamb(
         ]
         stats = [pick(trust_ratios), pick(weight_norms), pick(update_norms)]
         tail = [_scalar_on(grad_divisor, device), _scalar_on(grad_scale, device), _scalar_on(found_inf, device)]
-        if device.type == "cuda":
-            tail.append(lr_t)
+        tail.append(lr_t)
         if norm_reduce is None:
             _op(device, "lamb_step_")(*head, *stats, *tail, lr_f, *hyper)
         else:
@@ -323,8 +326,7 @@ def _fused_lars(
         ]
         stats = [pick(trust_ratios), pick(weight_norms), pick(update_norms)]
         tail = [_scalar_on(grad_scale, device), _scalar_on(found_inf, device)]
-        if device.type == "cuda":
-            tail.append(lr_t)
+        tail.append(lr_t)
         if norm_reduce is None:
             _op(device, "lars_step_")(*head, *stats, *tail, lr_f, *hyper)
         else:

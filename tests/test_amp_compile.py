@@ -240,3 +240,44 @@ def test_compiled_fused_step_full_graph_equals_eager(name):
     graphs = torch._dynamo.explain(comp.step)().graphs
     in_graph = any("lamb_cpu" in str(g.graph) for g in graphs)
     assert in_graph == bool(kw.get("fused")), [str(g.graph) for g in graphs]
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars], ids=["lamb", "lars"])
+def test_compiled_fused_step_follows_a_tensor_lr_without_recompiling(cls):
+    """A tensor lr (torch.compile keeps it out of its guards) goes to the fused kernel as a tensor, which reads
+    its value at every call: no host read breaks the graph (fullgraph=True), a schedule that writes the tensor
+    in place (as torch's schedulers do with a tensor lr) recompiles nothing after the first steps, and the steps
+    follow an eager run with the same float lrs exactly."""
+    from torch._dynamo.utils import counters
+
+    from lamb import ops
+
+    ok, why = ops.cpu_status()
+    if not ok:
+        pytest.skip(f"fused CPU kernel unavailable: {why}")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    eager_p = [torch.randn(s, generator=gen).requires_grad_() for s in ((33,), (5, 7))]
+    comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
+    kw = dict(weight_decay=0.01, fused=True)
+    eager, comp = cls(eager_p, lr=0.01, **kw), cls(comp_p, lr=torch.tensor(0.01), **kw)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def compiled_step():
+        comp.step()
+
+    graphs = []
+    for step in range(6):
+        lr = 0.01 / (1 + step)
+        eager.param_groups[0]["lr"] = lr
+        comp.param_groups[0]["lr"].fill_(lr)
+        grads = [torch.randn(p.shape, generator=gen) for p in eager_p]
+        for ps in (eager_p, comp_p):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        eager.step()
+        compiled_step()
+        graphs.append(counters["stats"]["unique_graphs"])
+        for p, q in zip(eager_p, comp_p):
+            assert torch.equal(p, q), f"step {step + 1}"
+    assert len(set(graphs[2:])) == 1, f"recompiled after the second step: graphs so far {graphs}"

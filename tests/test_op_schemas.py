@@ -1,5 +1,5 @@
 """The fused kernels' op schemas, read from the sources (no build, no GPU): they parse, the CPU and CUDA ops
-take the same arguments (CUDA adds ``lr_tensor``), and each marks as written exactly the tensors its kernel
+take the same arguments, and each marks as written exactly the tensors its kernel
 writes. torch.compile relies on the marks: it keeps a written argument's update and assumes every other
 argument unchanged, so a kernel that writes an unmarked tensor would be compiled wrongly."""
 
@@ -65,5 +65,5 @@ def test_cpu_and_cuda_ops_take_the_same_arguments():
     cpu, cuda = _schemas("cpu"), _schemas("cuda")
     for name in ops.STEP_OPS:
         a = [(x.name, str(x.type)) for x in cpu[name].arguments]
-        b = [(x.name, str(x.type)) for x in cuda[name].arguments if x.name != "lr_tensor"]
+        b = [(x.name, str(x.type)) for x in cuda[name].arguments]
         assert a == b, name
