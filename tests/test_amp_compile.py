@@ -202,19 +202,31 @@ FUSED_COMPILE = {
 }
 
 
-@pytest.mark.parametrize("name", FUSED_COMPILE)
-def test_compiled_fused_step_full_graph_equals_eager(name):
+def _fused_kernel_or_skip(device: str) -> None:
+    """Load the fused kernel of ``device`` (built: with both flags None eager then takes it), or skip."""
     from lamb import ops
 
-    ok, why = ops.cpu_status()
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ok, why = ops.cpu_status() if device == "cpu" else ops.cuda_status()
     if not ok:
-        pytest.skip(f"fused CPU kernel unavailable: {why}")
-    ops.load_cpu()  # built: with both flags None eager takes the fused kernel
+        pytest.skip(f"fused {device} kernel unavailable: {why}")
+    (ops.load_cpu if device == "cpu" else ops.load_cuda)()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", FUSED_COMPILE)
+def test_compiled_fused_step_full_graph_equals_eager(name, device):
+    _fused_kernel_or_skip(device)
     torch._dynamo.reset()
     cls, kw, dtypes = FUSED_COMPILE[name]
     gen = torch.Generator().manual_seed(0)
     shapes = ((33,), (5, 7), (1,))
-    eager_p = [torch.randn(s, generator=gen).to(dt).requires_grad_() for s, dt in zip(shapes, dtypes)]
+    eager_p = [torch.randn(s, generator=gen).to(device=device, dtype=dt).requires_grad_()
+               for s, dt in zip(shapes, dtypes)]
     comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
     eager, comp = cls(eager_p, **kw), cls(comp_p, **kw)
 
@@ -224,7 +236,7 @@ def test_compiled_fused_step_full_graph_equals_eager(name):
 
     steps = 3
     for step in range(1, steps + 1):
-        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in eager_p]
+        grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) for p in eager_p]
         for ps in (eager_p, comp_p):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
@@ -238,29 +250,26 @@ def test_compiled_fused_step_full_graph_equals_eager(name):
         assert all(comp.state[q]["step"].item() == step for q in comp_p)
     # the kernel is in the graph where fused=True, and not where the flags are None
     graphs = torch._dynamo.explain(comp.step)().graphs
-    in_graph = any("lamb_cpu" in str(g.graph) for g in graphs)
+    in_graph = any(f"lamb_{device}" in str(g.graph) for g in graphs)
     assert in_graph == bool(kw.get("fused")), [str(g.graph) for g in graphs]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", [Lamb, Lars], ids=["lamb", "lars"])
-def test_compiled_fused_step_follows_a_tensor_lr_without_recompiling(cls):
+def test_compiled_fused_step_follows_a_tensor_lr_without_recompiling(cls, device):
     """A tensor lr (torch.compile keeps it out of its guards) goes to the fused kernel as a tensor, which reads
     its value at every call: no host read breaks the graph (fullgraph=True), a schedule that writes the tensor
     in place (as torch's schedulers do with a tensor lr) recompiles nothing after the first steps, and the steps
     follow an eager run with the same float lrs exactly."""
     from torch._dynamo.utils import counters
 
-    from lamb import ops
-
-    ok, why = ops.cpu_status()
-    if not ok:
-        pytest.skip(f"fused CPU kernel unavailable: {why}")
+    _fused_kernel_or_skip(device)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
-    eager_p = [torch.randn(s, generator=gen).requires_grad_() for s in ((33,), (5, 7))]
+    eager_p = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((33,), (5, 7))]
     comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
     kw = dict(weight_decay=0.01, fused=True)
-    eager, comp = cls(eager_p, lr=0.01, **kw), cls(comp_p, lr=torch.tensor(0.01), **kw)
+    eager, comp = cls(eager_p, lr=0.01, **kw), cls(comp_p, lr=torch.tensor(0.01, device=device), **kw)
 
     @torch.compile(fullgraph=True, backend="inductor")
     def compiled_step():
@@ -271,7 +280,7 @@ def test_compiled_fused_step_follows_a_tensor_lr_without_recompiling(cls):
         lr = 0.01 / (1 + step)
         eager.param_groups[0]["lr"] = lr
         comp.param_groups[0]["lr"].fill_(lr)
-        grads = [torch.randn(p.shape, generator=gen) for p in eager_p]
+        grads = [torch.randn(p.shape, generator=gen).to(device) for p in eager_p]
         for ps in (eager_p, comp_p):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
