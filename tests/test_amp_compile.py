@@ -147,11 +147,19 @@ COMPILE_OPTS = {
 
 @pytest.mark.parametrize("name", COMPILE_OPTS)
 def test_compiled_step_full_graph_equals_eager(name):
-    torch._dynamo.reset()
     cls, kw = COMPILE_OPTS[name]
+    _compiled_against_eager(cls, kw, (torch.float32,) * 3, "cpu")
+
+
+def _compiled_against_eager(cls, kw, dtypes, device, steps=3):
+    """``cls(**kw)`` stepped eagerly and through ``torch.compile(fullgraph=True)`` (a graph break, e.g. a
+    .item() host sync, raises) on the same parameters and gradients; parameters and every state tensor agree
+    after each step. Returns the compiled optimizer."""
+    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     shapes = ((33,), (5, 7), (1,))
-    eager_p = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    eager_p = [torch.randn(s, generator=gen).to(device=device, dtype=dt).requires_grad_()
+               for s, dt in zip(shapes, dtypes)]
     comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
     eager, comp = cls(eager_p, **kw), cls(comp_p, **kw)
 
@@ -159,20 +167,20 @@ def test_compiled_step_full_graph_equals_eager(name):
     def compiled_step():
         comp.step()
 
-    steps = 3
     for step in range(1, steps + 1):
-        grads = [torch.randn(p.shape, generator=gen) for p in eager_p]
+        grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) for p in eager_p]
         for ps in (eager_p, comp_p):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
         eager.step()
-        compiled_step()  # fullgraph=True: a graph break (e.g. a .item() host sync) raises here
+        compiled_step()
         tol = fp32_tolerance(step, 64)
         for p, q in zip(eager_p, comp_p):
             torch.testing.assert_close(q, p, rtol=tol, atol=tol)
-        for p, q in zip(eager_p, comp_p):
             for key, v in eager.state[p].items():
                 torch.testing.assert_close(comp.state[q][key], v, rtol=tol, atol=tol, msg=key)
+        assert all(comp.state[q]["step"].item() == step for q in comp_p)
+    return comp
 
 
 def test_explain_reports_no_graph_break():
@@ -221,33 +229,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 @pytest.mark.parametrize("name", FUSED_COMPILE)
 def test_compiled_fused_step_full_graph_equals_eager(name, device):
     _fused_kernel_or_skip(device)
-    torch._dynamo.reset()
     cls, kw, dtypes = FUSED_COMPILE[name]
-    gen = torch.Generator().manual_seed(0)
-    shapes = ((33,), (5, 7), (1,))
-    eager_p = [torch.randn(s, generator=gen).to(device=device, dtype=dt).requires_grad_()
-               for s, dt in zip(shapes, dtypes)]
-    comp_p = [p.detach().clone().requires_grad_() for p in eager_p]
-    eager, comp = cls(eager_p, **kw), cls(comp_p, **kw)
-
-    @torch.compile(fullgraph=True, backend="inductor")
-    def compiled_step():
-        comp.step()
-
-    steps = 3
-    for step in range(1, steps + 1):
-        grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) for p in eager_p]
-        for ps in (eager_p, comp_p):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-        eager.step()
-        compiled_step()  # fullgraph=True: a graph break raises here
-        tol = fp32_tolerance(step, 64)
-        for p, q in zip(eager_p, comp_p):
-            torch.testing.assert_close(q, p, rtol=tol, atol=tol)
-            for key, v in eager.state[p].items():
-                torch.testing.assert_close(comp.state[q][key], v, rtol=tol, atol=tol, msg=key)
-        assert all(comp.state[q]["step"].item() == step for q in comp_p)
+    comp = _compiled_against_eager(cls, kw, dtypes, device)
     # the kernel is in the graph where fused=True, and not where the flags are None
     graphs = torch._dynamo.explain(comp.step)().graphs
     in_graph = any(f"lamb_{device}" in str(g.graph) for g in graphs)
