@@ -75,7 +75,9 @@ class Lamb(LayerwiseOptimizer):
             parameters; the low-precision parameter is refreshed from the master after every step.
         maximize: maximise the objective.
         foreach: ``True`` multi-tensor backend, ``False`` the single-tensor reference, ``None`` choose.
-        fused: ``True`` the fused kernel (raises where none can run), ``None`` choose.
+        fused: ``True`` the fused kernel (loaded, or built, when the group is added; a step raises where none
+            can run), ``None`` choose (the fused kernel where it is built, else foreach; foreach under
+            torch.compile).
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``master_param`` (with master weights) and
     the last step's ``trust_ratio``, ``weight_norm`` (:math:`\|x\|`) and ``update_norm`` (:math:`\|u\|`).
