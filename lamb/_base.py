@@ -140,9 +140,8 @@ class LayerwiseOptimizer(Optimizer):
         """``"fused"``, ``"foreach"`` or ``"single"`` for this group, decided in this one place.
 
         ``fused=True`` where no fused kernel can run raises: no silent fallback. With both flags None,
-        the fused kernel is taken where it is built and supports the tensors, else foreach; under
-        torch.compile foreach, which the compiler turns into its own fused loops (as torch.optim's
-        defaults do), and whose choice needs no look at the file system in the traced step.
+        the fused kernel is taken where it is built and supports the tensors, else foreach (foreach under
+        torch.compile: see ``lamb._fused.fused_preferred``).
         """
         if group["fused"]:
             ok, reason = _fused_support(params)
@@ -151,8 +150,7 @@ class LayerwiseOptimizer(Optimizer):
             return "fused"
         if group["foreach"] is False:
             return "single"
-        if group["foreach"] is None and group["fused"] is None and not torch.compiler.is_compiling() and \
-                _fused_preferred(params):
+        if group["foreach"] is None and group["fused"] is None and _fused_preferred(params):
             return "fused"
         return "foreach"
 
@@ -188,8 +186,7 @@ class LayerwiseOptimizer(Optimizer):
             if not ok:
                 raise RuntimeError(f"{type(self).__name__}(fused=True) cannot run here: {reason}")
             return "fused"
-        compiling = torch.compiler.is_compiling()
-        return "fused" if group["foreach"] is None and not compiling and _fused_preferred(params) else "foreach"
+        return "fused" if group["foreach"] is None and _fused_preferred(params) else "foreach"
 
     def _finish_step(self, group: dict[str, Any], states: list[dict[str, Any]]) -> None:
         if self._partition_layout is not None:

@@ -109,8 +109,10 @@ def fused_supported(tensors: list[Tensor]) -> tuple[bool, str]:
 
 def fused_preferred(tensors: list[Tensor]) -> bool:
     """Whether ``fused=None`` should take the fused kernel: supported here and already built (or built
-    ahead of time), so that choosing it never starts a compile in the middle of training."""
-    if not tensors or not fused_supported(tensors)[0]:
+    ahead of time), so that choosing it never starts a compile in the middle of training. Not inside a
+    torch.compile trace: there foreach, which the compiler turns into its own fused loops (as torch.optim's
+    defaults), and whose choice needs no look at the file system in the traced step."""
+    if not tensors or torch.compiler.is_compiling() or not fused_supported(tensors)[0]:
         return False
     devices = {t.device.type for t in tensors}
     if "cpu" in devices and not ops.is_cpu_built():
@@ -121,15 +123,11 @@ def fused_preferred(tensors: list[Tensor]) -> bool:
 
 
 def _op(device: torch.device, name: str) -> Any:
-    # is_loaded first: loading takes a lock, which torch.compile cannot trace (LayerwiseOptimizer loads the
-    # kernel when it is built with fused=True, so a compiled step finds it loaded)
     if device.type == "cpu":
-        if not ops.is_loaded("cpu"):
-            ops.load_cpu()
+        ops.load_cpu()
         return getattr(torch.ops.lamb_cpu, name)
     if device.type == "cuda":
-        if not ops.is_loaded("cuda"):
-            ops.load_cuda()
+        ops.load_cuda()
         return getattr(torch.ops.lamb_cuda, name)
     raise RuntimeError(f"lamb: no fused kernel for {device.type} tensors")
 

@@ -48,7 +48,8 @@ import test_lars_reference  # noqa: E402
 from test_fused_cpu import (  # noqa: E402
     LAMB_KW, LAMB_VARIANTS, LARS_KW, LARS_VARIANTS, SHAPES, SPLIT_LAMB_VARIANTS, SPLIT_LARS_VARIANTS, SPLIT_SHAPES,
     STEPS, TOL32, _check_large_finite_gradient, _check_split, _close, _grads, _lamb_call, _lars_call, _params,
-    _Pieces, _state, check_fp32_grads, close_to_stored, fp32_grads, fp32_tol, lamb64_stored,
+    _Pieces, _state, check_fp32_grads, close64, close_to_stored, fp32_grads, fp32_tol, lamb64_stored, ref_lamb64,
+    ref_lars64,
 )
 
 LOW = [torch.bfloat16, torch.float16]
@@ -60,24 +61,6 @@ def _built():
 
 
 # ------------------------------------------------------------------------------------------- references
-def _ref_lamb(params, kw):
-    """RefLamb on float64 copies of ``params``, with the options the fused kernel's arguments ``kw`` mean."""
-    return RefLamb.from_params(
-        [p.double() for p in params], lr=float(kw["lr"]), betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"],
-        weight_decay=kw["weight_decay"], weight_decay_mode=kw["weight_decay_mode"],
-        bias_correction=kw["bias_correction"], grad_averaging=kw["grad_averaging"],
-        min_trust_ratio=kw["min_trust_ratio"], max_trust_ratio=kw["max_trust_ratio"],
-        weight_norm_bounds=kw["weight_norm_bounds"], layer_adaptation=kw["adapt"], maximize=kw["maximize"])
-
-
-def _ref_lars(params, kw):
-    return RefLars.from_params(
-        [p.double() for p in params], lr=float(kw["lr"]), momentum=kw["momentum"], weight_decay=kw["weight_decay"],
-        trust_coefficient=kw["trust_coefficient"], eps=kw["eps"], nesterov=kw["nesterov"],
-        denominator=kw["denominator"], trust_clip=kw["trust_clip"], layer_adaptation=kw["adapt"],
-        maximize=kw["maximize"])
-
-
 def _ref_grads(grads, kw):
     """The gradients as RefLamb sees them: a fixed NVLAMB divisor is applied to them (RefLamb only knows
     max_grad_norm; ``g / divisor`` is what its clip does)."""
@@ -90,18 +73,11 @@ LAMB_STATE = (("m", "exp_avg"), ("v", "exp_avg_sq"))
 LARS_STATE = (("m", "momentum_buffer"),)
 
 
-def _close64(got, want, tol, what):
-    """As tests/test_lamb_reference.py's compare: rtol and an atol relative to the largest magnitude."""
-    scale = float(want.abs().max()) if want.numel() else 1.0
-    torch.testing.assert_close(got.double().reshape(want.shape), want, rtol=tol, atol=tol * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _compare_ref(ref, params, states, tol, state_keys, what="", gi=0):
     """Parameters (the masters where there are), state buffers, step and statistics against the reference."""
     for i, (p, st) in enumerate(zip(params, states)):
         master = st["master"]
-        _close64(master if master is not None else p, ref.groups[gi].params[i], tol, f"{what} param {i}")
+        close64(master if master is not None else p, ref.groups[gi].params[i], tol, f"{what} param {i}")
         if master is not None:
             assert torch.equal(p, master.to(p.dtype)), f"{what} param {i} is not its master rounded"
         rst = ref.state.get((gi, i))
@@ -110,7 +86,7 @@ def _compare_ref(ref, params, states, tol, state_keys, what="", gi=0):
             continue
         assert st["step"].item() == rst["step"], f"{what} param {i}: step {st['step'].item()} != {rst['step']}"
         for key, rkey in state_keys:
-            _close64(st[key], rst[rkey], tol, f"{what} {rkey} {i}")
+            close64(st[key], rst[rkey], tol, f"{what} {rkey} {i}")
         for key, rkey in (("tr", "trust_ratio"), ("wn", "weight_norm"), ("un", "update_norm")):
             got, want = float(st[key]), rst[rkey]
             assert math.isclose(got, want, rel_tol=max(tol, 4 * F32_EPS), abs_tol=1e-30), (what, i, rkey, got, want)
@@ -128,7 +104,7 @@ def _lamb_variant_run(kw, dtype, steps=STEPS, shapes=SHAPES):
     params = _params(dtype, shapes=shapes)
     emu_p, pkg_p = [p.clone() for p in params], [p.clone() for p in params]
     emu_s, pkg_s = _state(emu_p, masters), _state(pkg_p, masters)
-    ref = _ref_lamb(params, kw)
+    ref = ref_lamb64(params, kw)
     for step in range(steps):
         g = _grads(params, step)
         _lamb_call(emu.lamb, emu_p, [x.clone() for x in g], emu_s, **kw)
@@ -264,7 +240,7 @@ def test_lars_matches_references(variant, dtype):
     params = _params(dtype)
     emu_p, pkg_p = [p.clone() for p in params], [p.clone() for p in params]
     emu_s, pkg_s = _state(emu_p, masters), _state(pkg_p, masters)
-    ref = _ref_lars(params, kw)
+    ref = ref_lars64(params, kw)
     for step in range(STEPS):
         g = _grads(params, step)
         _lars_call(emu.lars, emu_p, [x.clone() for x in g], emu_s, **kw)
@@ -296,7 +272,7 @@ def test_launcher_relaunches_and_continues_a_tensor():
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(shapes, dtypes)]
     st = [_state([p], masters=p.dtype != torch.float32)[0] for p in params]
-    ref = _ref_lamb(params, LAMB_KW)
+    ref = ref_lamb64(params, LAMB_KW)
     g = [(torch.randn(p.shape, generator=gen)).to(p.dtype) for p in params]
     _lamb_call(emu.lamb, params, g, st, **LAMB_KW)
     log = emu.launches()
@@ -344,7 +320,7 @@ def test_vector_and_scalar_paths_stay_in_bounds(dtype, grad_dtype, misaligned):
     shapes = [(1,), (3,), (7,), (18011,), (2 * 65536 + 3,), (65536,)]
     masters = dtype != torch.float32
     params = _params(dtype, shapes=shapes)
-    ref = _ref_lamb(params, LAMB_KW)
+    ref = ref_lamb64(params, LAMB_KW)
     offs = {"none": (0, 0, 0), "all": (1, 1, 1), "grad_only": (0, 1, 0), "state_only": (0, 0, 1)}[misaligned]
     gp = [_Guarded(p, offs[0]) for p in params]
     st = _state(params, masters)
@@ -370,7 +346,7 @@ def test_vector_and_scalar_paths_stay_in_bounds(dtype, grad_dtype, misaligned):
 def test_lars_scalar_path_and_guards():
     shapes = [(1,), (7,), (18011,), (65536 + 5,)]
     params = _params(shapes=shapes)
-    ref = _ref_lars(params, LARS_KW)
+    ref = ref_lars64(params, LARS_KW)
     gp = [_Guarded(x, 1) for x in params]
     st = _state(params)
     gb = [_Guarded(s["m"], 1) for s in st]
@@ -481,7 +457,7 @@ def test_lamb_split_pieces_match_references(variant):
     params = _params(shapes=SPLIT_SHAPES)
     pkg_p = [p.clone() for p in params]
     pkg_s = _state(pkg_p)
-    ref = _ref_lamb(params, kw)
+    ref = ref_lamb64(params, kw)
     pc = _Pieces(params)
     for step in range(STEPS):
         grads = _grads(params, step)
@@ -492,9 +468,9 @@ def test_lamb_split_pieces_match_references(variant):
     _check_split(pkg_p, pkg_s, pc, ("m", "v"))  # the fp32 package reference, as the CPU twin's split tests
     tol = fp32_tolerance(STEPS, _numel(params), beta2=kw["beta2"])
     for j, flat in enumerate(pc.flat):  # the float64 reference on the whole tensors
-        _close64(flat, ref.params[j].reshape(-1), tol, f"param {j}")
+        close64(flat, ref.params[j].reshape(-1), tol, f"param {j}")
         for key, rkey in LAMB_STATE:
-            _close64(pc.state[j][key], ref.state[(0, j)][rkey].reshape(-1), tol, f"{rkey} {j}")
+            close64(pc.state[j][key], ref.state[(0, j)][rkey].reshape(-1), tol, f"{rkey} {j}")
         for key, rkey in (("tr", "trust_ratio"), ("wn", "weight_norm"), ("un", "update_norm")):
             for got in pc.stats(j, key):  # every piece reports its parameter's full statistics
                 assert math.isclose(float(got), ref.state[(0, j)][rkey], rel_tol=tol, abs_tol=1e-30), (j, rkey)
@@ -502,7 +478,7 @@ def test_lamb_split_pieces_match_references(variant):
 
 def test_lamb_split_bf16_with_masters():
     params = _params(torch.bfloat16, shapes=SPLIT_SHAPES)
-    ref = _ref_lamb(params, LAMB_KW)
+    ref = ref_lamb64(params, LAMB_KW)
     pc = _Pieces(params, masters=True)
     for step in range(STEPS):
         grads = _grads(params, step)
@@ -510,7 +486,7 @@ def test_lamb_split_bf16_with_masters():
         ref.step(_ref_grads(grads, LAMB_KW))
     tol = fp32_tolerance(STEPS, _numel(params), beta2=LAMB_KW["beta2"])
     for j in range(len(params)):
-        _close64(pc.state[j]["master"], ref.params[j].reshape(-1), tol, f"master {j}")
+        close64(pc.state[j]["master"], ref.params[j].reshape(-1), tol, f"master {j}")
         assert torch.equal(pc.flat[j], pc.state[j]["master"].to(torch.bfloat16))
 
 
@@ -520,7 +496,7 @@ def test_lars_split_pieces_match_references(variant):
     params = _params(shapes=SPLIT_SHAPES)
     pkg_p = [p.clone() for p in params]
     pkg_s = _state(pkg_p)
-    ref = _ref_lars(params, kw)
+    ref = ref_lars64(params, kw)
     pc = _Pieces(params)
     for step in range(STEPS):
         grads = _grads(params, step)
@@ -531,8 +507,8 @@ def test_lars_split_pieces_match_references(variant):
     _check_split(pkg_p, pkg_s, pc, ("m",))
     tol = fp32_tolerance(STEPS, _numel(params), ops=8)
     for j, flat in enumerate(pc.flat):
-        _close64(flat, ref.params[j].reshape(-1), tol, f"param {j}")
-        _close64(pc.state[j]["m"], ref.state[(0, j)]["momentum_buffer"].reshape(-1), tol, f"momentum {j}")
+        close64(flat, ref.params[j].reshape(-1), tol, f"param {j}")
+        close64(pc.state[j]["m"], ref.state[(0, j)]["momentum_buffer"].reshape(-1), tol, f"momentum {j}")
 
 
 @pytest.mark.parametrize("algo", ["lamb", "lars"])

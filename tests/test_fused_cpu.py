@@ -206,16 +206,26 @@ def stored64(ref, grads_per_step, dtype, keys):
     return (ref.params, *([st[k] for st in states] for k in keys))
 
 
-def ref_lamb64(params):
-    """tests/reference.py's float64 RefLamb with LAMB_KW's options."""
-    return RefLamb.from_params([p.double() for p in params], lr=LAMB_KW["lr"], betas=(LAMB_KW["beta1"],
-                               LAMB_KW["beta2"]), eps=LAMB_KW["eps"], weight_decay=LAMB_KW["weight_decay"])
+def ref_lamb64(params, kw=None):
+    """tests/reference.py's float64 RefLamb on float64 copies of ``params``, with the options the fused kernel's
+    arguments ``kw`` mean (default LAMB_KW)."""
+    kw = LAMB_KW if kw is None else kw
+    return RefLamb.from_params(
+        [p.double() for p in params], lr=float(kw["lr"]), betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"],
+        weight_decay=kw["weight_decay"], weight_decay_mode=kw["weight_decay_mode"],
+        bias_correction=kw["bias_correction"], grad_averaging=kw["grad_averaging"],
+        min_trust_ratio=kw["min_trust_ratio"], max_trust_ratio=kw["max_trust_ratio"],
+        weight_norm_bounds=kw["weight_norm_bounds"], layer_adaptation=kw["adapt"], maximize=kw["maximize"])
 
 
-def ref_lars64(params):
-    """tests/reference.py's float64 RefLars with LARS_KW's options."""
-    return RefLars.from_params([p.double() for p in params], lr=LARS_KW["lr"], momentum=LARS_KW["momentum"],
-                               weight_decay=LARS_KW["weight_decay"], trust_coefficient=LARS_KW["trust_coefficient"])
+def ref_lars64(params, kw=None):
+    """tests/reference.py's float64 RefLars, as ref_lamb64 (default LARS_KW)."""
+    kw = LARS_KW if kw is None else kw
+    return RefLars.from_params(
+        [p.double() for p in params], lr=float(kw["lr"]), momentum=kw["momentum"], weight_decay=kw["weight_decay"],
+        trust_coefficient=kw["trust_coefficient"], eps=kw["eps"], nesterov=kw["nesterov"],
+        denominator=kw["denominator"], trust_clip=kw["trust_clip"], layer_adaptation=kw["adapt"],
+        maximize=kw["maximize"])
 
 
 def lamb64_stored(params, grads_per_step, dtype):
@@ -286,7 +296,8 @@ FP32_GRAD_SHAPES = [(5,), (18011,), (64, 33), (40000,)]
 
 
 def close64(got, want, tol, what):
-    """Relative to each element, with an absolute floor of tol times the largest magnitude."""
+    """As tests/test_lamb_reference.py's compare: relative to each element, with an absolute floor of tol times
+    the largest magnitude."""
     scale = float(want.abs().max()) if want.numel() else 1.0
     torch.testing.assert_close(got.double().reshape(want.shape), want, rtol=tol, atol=tol * max(scale, 1e-30),
                                msg=lambda m: f"{what}: {m}")
@@ -378,7 +389,7 @@ def test_class_steps_fp32_gradients_of_bf16_parameters(cls, masters):
     if masters:
         for g in grads:
             ref.step([g])
-        tol = fp32_tolerance(3, 41 * 37, **({"beta2": 0.999} if cls == "Lamb" else {"ops": 8}))
+        tol = fp32_tol(cls.lower())(3, 41 * 37)
         for i, p in enumerate(fused):
             close64(opt.state[p]["master_param"], ref.params[i], tol, f"master {i}")
     else:
@@ -429,7 +440,7 @@ def test_class_fused_mixes_master_and_fp32_parameters(cls):
             p.grad = g
         opt.step()
         ref.step([grads])
-        tol = fp32_tolerance(step, 18011, **({"beta2": 0.999} if cls == "Lamb" else {"ops": 8}))
+        tol = fp32_tol(cls.lower())(step, 18011)
         for i, p in enumerate(params):
             got = opt.state[p]["master_param"] if p.dtype != torch.float32 else p.detach()
             close64(got, ref.params[i], tol, f"step {step}, param {i} ({p.dtype})")

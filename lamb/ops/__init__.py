@@ -41,7 +41,6 @@ __all__ = [
     "cuda_status",
     "is_cpu_built",
     "is_cuda_built",
-    "is_loaded",
     "source_dir",
     "CPU_SOURCES",
     "CUDA_SOURCES",
@@ -232,12 +231,6 @@ def _load_library(kind: str, path: str) -> str:
     return path
 
 
-def is_loaded(kind: str) -> bool:
-    """Whether the ``"cpu"`` or ``"cuda"`` kernel is loaded in this process (a dictionary look-up, so that
-    torch.compile traces it)."""
-    return kind in _loaded
-
-
 def _jit(kind: str, sources: list[str], **kw) -> str:
     from torch.utils.cpp_extension import load
 
@@ -268,6 +261,10 @@ def _jit(kind: str, sources: list[str], **kw) -> str:
 
 def load_cpu() -> str:
     """Load (building on first use) the fused CPU kernel; returns the library's path."""
+    # loaded: no lock, which torch.compile could not trace (a fused=True optimizer loads its kernel when the
+    # group is added, so a compiled step finds it loaded)
+    if "cpu" in _loaded:
+        return _loaded["cpu"]
     with _lock:
         if "cpu" in _loaded:
             return _loaded["cpu"]
@@ -282,6 +279,8 @@ def load_cpu() -> str:
 
 def load_cuda() -> str:
     """Load (building on first use) the fused CUDA kernel; returns the library's path."""
+    if "cuda" in _loaded:  # as load_cpu
+        return _loaded["cuda"]
     with _lock:
         if "cuda" in _loaded:
             return _loaded["cuda"]
